@@ -1,0 +1,265 @@
+"""LoFiTModel: injects LoFiT layers into the attention output projections of a transformers model."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import replace
+from functools import partial
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
+from torch import nn
+
+from .architectures import (
+    DEFAULT_TARGET_MODULES,
+    HeadGeometry,
+    default_target_modules,
+    head_geometry,
+    layer_index,
+    projection_in_features,
+)
+from .config import LoFiTConfig
+from .layer import BASE_ADAPTER_NAME, LoFiTLayer
+from .merging import check_can_carry_biases, make_config_carry_biases
+
+
+def _adapter_names_pre_forward_hook(module, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+class LoFiTModel(BaseTuner):
+    """Creates a LoFiT model from a pretrained transformers model (Yin et al., 2024, arXiv:2406.01563).
+
+    Example:
+
+        ```py
+        >>> import peft_lofit
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base_model, peft_lofit.LoFiTConfig(heads=[[3, 1], [10, 7]]))
+        ```
+    """
+
+    prefix: str = "lofit_"
+    tuner_layer_cls = LoFiTLayer
+    target_module_mapping = DEFAULT_TARGET_MODULES
+
+    # ------------------------------------------------------------------------------------------------- injection
+    def _prepare_adapter_config(self, peft_config: LoFiTConfig, model_config: dict) -> LoFiTConfig:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = default_target_modules(model_config.get("model_type"))
+        return peft_config
+
+    def _prepare_model(self, peft_config: LoFiTConfig, model: nn.Module) -> None:
+        """Validate the head list against the model before anything is replaced."""
+        self.projections(model, peft_config)
+
+    def projections(self, model: nn.Module, config: LoFiTConfig) -> dict[int, tuple[str, HeadGeometry]]:
+        """Map each layer index to (output projection name, head geometry), validating ``config.heads`` on the way.
+
+        Raises a ValueError if no module matches, a layer has several matches, a module is not in a numbered layer, or
+        a selected head names a layer without a projection or a head index past the layer's last head.
+        """
+        tuner_layers = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+        found: dict[int, tuple[str, HeadGeometry]] = {}
+        for name, module in model.named_modules():
+            if any(name.startswith(prefix + ".") for prefix in tuner_layers):
+                continue
+            match = check_target_module_exists(config, name)
+            if not match or isinstance(match, _ExcludedModule):
+                continue
+            layer = layer_index(name)
+            if layer is None:
+                raise ValueError(
+                    f"`target_modules` matched {name!r}, which is not inside a numbered decoder layer, so its heads "
+                    "cannot be addressed as [layer, head]. Narrow `target_modules` to the attention output projection."
+                )
+            if layer in found:
+                raise ValueError(
+                    f"`target_modules` matched two modules in layer {layer}: {found[layer][0]!r} and {name!r}. LoFiT "
+                    "needs exactly one attention output projection per layer; narrow `target_modules` "
+                    "(e.g. 'attn.c_proj' rather than 'c_proj')."
+                )
+            geometry = head_geometry(
+                getattr(model, "config", None), projection_in_features(module), config.num_heads, config.head_dim
+            )
+            found[layer] = (name, geometry)
+        if not found:
+            raise ValueError(
+                f"`target_modules`={config.target_modules!r} matched no module of the model. Pass the name of the "
+                "attention output projection, e.g. target_modules=['self_attn.o_proj']."
+            )
+        for layer, head in config.heads or []:
+            if layer not in found:
+                raise ValueError(
+                    f"Head [{layer}, {head}] is in layer {layer}, but the model has attention output projections in "
+                    f"layers {min(found)}..{max(found)} only ({len(found)} layers). Check the head list against this "
+                    "model."
+                )
+            num_heads = found[layer][1].num_heads
+            if head >= num_heads:
+                raise ValueError(
+                    f"Head [{layer}, {head}] does not exist: layer {layer} has {num_heads} heads (0..{num_heads - 1})."
+                )
+        return found
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: LoFiTConfig, key: str):
+        """Match the output projections, but only in layers that have a selected head."""
+        match = check_target_module_exists(peft_config, key)
+        if not match or isinstance(match, _ExcludedModule) or peft_config.heads is None:
+            return match
+        return match if layer_index(key) in {layer for layer, _ in peft_config.heads} else False
+
+    def _create_and_replace(self, lofit_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        layer = layer_index(current_key)
+        geometry = head_geometry(
+            getattr(self.model, "config", None),
+            projection_in_features(target),
+            lofit_config.num_heads,
+            lofit_config.head_dim,
+        )
+        if lofit_config.heads is None:
+            heads = list(range(geometry.num_heads))
+        else:
+            heads = [head for head_layer, head in lofit_config.heads if head_layer == layer]
+        if isinstance(target, LoFiTLayer):
+            if target.geometry != geometry:
+                raise ValueError(
+                    f"Adapter {adapter_name!r} splits {current_key} into {geometry}, but it already holds adapters "
+                    f"with {target.geometry}; all adapters on a model must share num_heads and head_dim."
+                )
+            target.update_layer(adapter_name, lofit_config, heads)
+            return
+        new_module = LoFiTLayer(target, adapter_name, lofit_config, geometry, heads)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
+        self._replace_module(parent, target_name, new_module, target)
+
+    # -------------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Check every tensor's shape against the model first, so a mismatch names the parameter and both shapes."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        expected = dict(model.named_parameters())
+        for key, tensor in remapped.items():
+            if key in expected and expected[key].shape != tensor.shape:
+                raise ValueError(
+                    f"Adapter tensor {key} has shape {tuple(tensor.shape)} in the checkpoint but "
+                    f"{tuple(expected[key].shape)} in this model (selected heads x head_dim). The adapter was trained "
+                    "for a model with a different head geometry or head list; load it onto the base model it was "
+                    "trained with."
+                )
+            if key in expected and not tensor.is_floating_point():
+                raise ValueError(f"Adapter tensor {key} has dtype {tensor.dtype}; LoFiT vectors are floating point.")
+        return remapped
+
+    # ------------------------------------------------------------------------------------------ mixed batches
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """Route ``adapter_names=[...]`` (one per batch row, ``"__base__"`` for none) to every LoFiT layer."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise TypeError(f"`adapter_names` must be a list of str, one per batch row; got {adapter_names!r}.")
+        known = set()
+        for module in self.modules():
+            if isinstance(module, LoFiTLayer):
+                known |= set(module.lofit_head_index.keys())
+        unknown = {name for name in adapter_names if name != BASE_ADAPTER_NAME} - known
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            # generate() repeats each row num_beams times
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        handles = []
+        try:
+            for module in self.modules():
+                if isinstance(module, LoFiTLayer):
+                    hook = partial(_adapter_names_pre_forward_hook, adapter_names=list(adapter_names))
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # ------------------------------------------------------------------------------------------------- merging
+    def _layers_needing_bias(self, adapter_names: Optional[list[str]]) -> list[str]:
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        return [
+            module_name
+            for module_name, module in self.model.named_modules()
+            if isinstance(module, LoFiTLayer)
+            and module.get_base_layer().bias is None
+            and any(name in module.lofit_offset for name in names)
+        ]
+
+    def _unload_and_optionally_merge(
+        self, merge=True, progressbar=False, safe_merge=False, adapter_names=None
+    ) -> nn.Module:
+        """PEFT's unload, with two LoFiT checks around a merge: before it, that the offsets can be carried as biases
+        by a saved checkpoint; after it, that the config loads those biases (see ``merging``)."""
+        if merge:
+            check_can_carry_biases(self.model, self._layers_needing_bias(adapter_names))
+        model = super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+        if merge:
+            make_config_carry_biases(model)
+        return model
+
+    # ------------------------------------------------------------------------------------------ weighted sums
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """Add ``adapter_name`` with ``A = sum_i w_i A_i`` and ``v = sum_i w_i v_i`` over the union of their heads.
+
+        A head that an adapter does not select counts as zero for it. The adapters must share target modules and head
+        geometry; the new adapter has a vector if any of them has it.
+        """
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists; choose a new name.")
+        if len(adapters) != len(weights) or not adapters:
+            raise ValueError("Pass one weight per adapter, and at least one adapter.")
+        missing = [name for name in adapters if name not in self.peft_config]
+        if missing:
+            raise ValueError(f"Adapter(s) {missing} do not exist; existing: {sorted(self.peft_config)}.")
+        configs = [self.peft_config[name] for name in adapters]
+        for field_name in ("target_modules", "num_heads", "head_dim"):
+            if len({repr(getattr(config, field_name)) for config in configs}) > 1:
+                raise ValueError(f"Adapters {adapters} differ in `{field_name}`; only like adapters can be combined.")
+        if any(config.heads is None for config in configs):
+            heads = None
+        else:
+            heads = sorted({tuple(pair) for config in configs for pair in config.heads})
+        self.peft_config[adapter_name] = replace(
+            configs[0],
+            heads=heads,
+            use_scaling=any(config.use_scaling for config in configs),
+            use_offset=any(config.use_offset for config in configs),
+            init_weights=True,
+            inference_mode=True,
+        )
+        self.inject_adapter(self.model, adapter_name)
+        for module in self.model.modules():
+            if isinstance(module, LoFiTLayer) and adapter_name in module.lofit_head_index:
+                self._fill_weighted_sum(module, adapters, weights, adapter_name)
+
+    @staticmethod
+    def _fill_weighted_sum(layer: LoFiTLayer, adapters, weights, adapter_name) -> None:
+        row_of = {head: row for row, head in enumerate(layer.heads_of(adapter_name))}
+        for container in (layer.lofit_scaling, layer.lofit_offset):
+            if adapter_name not in container:
+                continue
+            target = container[adapter_name]
+            with torch.no_grad():
+                target.zero_()
+                for source_name, weight in zip(adapters, weights):
+                    if source_name not in container:
+                        continue
+                    rows = [row_of[head] for head in layer.heads_of(source_name)]
+                    target[rows] += weight * container[source_name].to(target.dtype)
