@@ -44,6 +44,9 @@ class HeadGeometry:
     num_heads: int
     head_dim: int
 
+    def __str__(self) -> str:
+        return f"{self.num_heads} heads x {self.head_dim}"
+
     @property
     def width(self) -> int:
         return self.num_heads * self.head_dim

@@ -84,6 +84,11 @@ class LoFiTModel(BaseTuner):
             geometry = head_geometry(
                 getattr(model, "config", None), projection_in_features(module), config.num_heads, config.head_dim
             )
+            if isinstance(module, LoFiTLayer) and module.geometry != geometry:
+                raise ValueError(
+                    f"This adapter splits {name} into {geometry}, but the layer already holds adapters with "
+                    f"{module.geometry}; all adapters on a model must share num_heads and head_dim."
+                )
             found[layer] = (name, geometry)
         if not found:
             raise ValueError(
@@ -124,12 +129,7 @@ class LoFiTModel(BaseTuner):
             heads = list(range(geometry.num_heads))
         else:
             heads = [head for head_layer, head in lofit_config.heads if head_layer == layer]
-        if isinstance(target, LoFiTLayer):
-            if target.geometry != geometry:
-                raise ValueError(
-                    f"Adapter {adapter_name!r} splits {current_key} into {geometry}, but it already holds adapters "
-                    f"with {target.geometry}; all adapters on a model must share num_heads and head_dim."
-                )
+        if isinstance(target, LoFiTLayer):  # geometry was checked against it in `projections`
             target.update_layer(adapter_name, lofit_config, heads)
             return
         new_module = LoFiTLayer(target, adapter_name, lofit_config, geometry, heads)

@@ -1,0 +1,66 @@
+"""Tiny random models, one per architecture family, built locally (tests never download)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+import transformers
+
+import peft_lofit  # noqa: F401  (registers LoFiT with PEFT)
+
+VOCAB = 64
+
+# name -> (config class, kwargs). Every model: 2 layers, 4 query heads, hidden 32.
+TINY_CONFIGS = {
+    "llama": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=4)),
+    "llama_gqa": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2)),
+    "mistral": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=2)),
+    "qwen2": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2)),
+    "gemma2": ("Gemma2Config", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8)),
+    # head_dim 12 != hidden 32 / 4 heads: the output projection takes 48 features
+    "gemma3": ("Gemma3TextConfig", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=12)),
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_head=4, n_layer=2, n_positions=64)),
+    "gpt_neox": ("GPTNeoXConfig", dict(num_attention_heads=4)),
+    "opt": ("OPTConfig", dict(num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=64)),
+}
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+ARCHITECTURES = sorted(TINY_CONFIGS)
+# Families whose config can switch on an output-projection bias (or that always have one).
+CAN_CARRY_OFFSETS = {"llama", "llama_gqa", "gemma2", "gemma3", "gpt2", "gpt_neox", "opt"}
+
+
+def tiny_config(name: str):
+    class_name, kwargs = TINY_CONFIGS[name]
+    config_class = getattr(transformers, class_name)
+    common = {} if name == "gpt2" else COMMON
+    if name == "opt":
+        common = {k: v for k, v in COMMON.items() if k != "intermediate_size"}
+    return config_class(**common, **kwargs, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_model(name: str, seed: int = 0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(name))
+    return model.to(dtype).eval()
+
+
+@pytest.fixture
+def inputs():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(3, VOCAB, (3, 7), generator=generator)
+
+
+def projection_of(model, layer: int):
+    """The (unwrapped) attention output projection of ``layer``."""
+    from peft_lofit.architectures import default_target_modules, layer_index
+
+    suffix = default_target_modules(model.config.model_type)[0]
+    for name, module in model.named_modules():
+        if name.endswith(suffix) and layer_index(name) == layer:
+            return module
+    raise LookupError(layer)

@@ -1,0 +1,397 @@
+"""LoFiT as a PEFT method: golden values, identity, training, save/load, merging, multiple adapters."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, CAN_CARRY_OFFSETS, projection_of, tiny_model
+from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from peft_lofit import LoFiTConfig, LoFiTLayer
+
+HEADS = [[0, 1], [1, 0], [1, 3]]
+
+
+def hand_set_vectors(model, heads=HEADS, adapter="default", seed=3):
+    """Give every selected head known A and v; return {(layer, head): (A, v)}."""
+    generator = torch.Generator().manual_seed(seed)
+    values = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoFiTLayer) or adapter not in module.lofit_head_index:
+            continue
+        from peft_lofit.architectures import layer_index
+
+        layer = layer_index(name)
+        with torch.no_grad():
+            for row, head in enumerate(module.heads_of(adapter)):
+                a = torch.randn(module.geometry.head_dim, generator=generator) * 0.5
+                v = torch.randn(module.geometry.head_dim, generator=generator)
+                if adapter in module.lofit_scaling:
+                    module.lofit_scaling[adapter][row] = a
+                if adapter in module.lofit_offset:
+                    module.lofit_offset[adapter][row] = v
+                values[(layer, head)] = (a, v)
+    return values
+
+
+def reference_logits(base_model, values, inputs, use_scaling=True, use_offset=True):
+    """Independent computation: a pre-hook edits each selected head of the projection input, one head at a time."""
+    handles = []
+    for layer in {layer for layer, _ in values}:
+        projection = projection_of(base_model, layer)
+        num_heads = base_model.config.num_attention_heads
+
+        def edit(module, args, layer=layer, num_heads=num_heads):
+            z = args[0].clone()
+            head_dim = z.shape[-1] // num_heads
+            for (edit_layer, head), (a, v) in values.items():
+                if edit_layer != layer:
+                    continue
+                part = z[..., head * head_dim : (head + 1) * head_dim]
+                if use_scaling:
+                    part = (1 + a) * part
+                if use_offset:
+                    part = part + v
+                z[..., head * head_dim : (head + 1) * head_dim] = part
+            return (z,) + args[1:]
+
+        handles.append(projection.register_forward_pre_hook(edit))
+    try:
+        with torch.no_grad():
+            return base_model(inputs).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_golden_values_match_hand_edited_heads(arch, inputs):
+    base = tiny_model(arch)
+    reference_model = copy.deepcopy(base)
+    model = get_peft_model(base, LoFiTConfig(heads=HEADS, use_scaling=True, use_offset=True))
+    values = hand_set_vectors(model)
+    assert set(values) == {tuple(pair) for pair in HEADS}
+    with torch.no_grad():
+        adapted = model(inputs).logits
+    expected = reference_logits(reference_model, values, inputs)
+    torch.testing.assert_close(adapted, expected, atol=1e-6, rtol=0)
+    baseline = reference_logits(reference_model, {}, inputs)
+    assert (adapted - baseline).abs().max() > 1e-3  # the edit is visible
+
+
+@pytest.mark.parametrize("arch", ["llama_gqa", "gemma3", "gpt2"])
+@pytest.mark.parametrize("vectors", [dict(use_scaling=True, use_offset=False), dict(use_offset=True)])
+def test_golden_values_single_vector(arch, vectors, inputs):
+    base = tiny_model(arch)
+    reference_model = copy.deepcopy(base)
+    model = get_peft_model(base, LoFiTConfig(heads=HEADS, **vectors))
+    values = hand_set_vectors(model)
+    with torch.no_grad():
+        adapted = model(inputs).logits
+    expected = reference_logits(
+        reference_model, values, inputs, use_scaling=vectors.get("use_scaling", False), use_offset=vectors["use_offset"]
+    )
+    torch.testing.assert_close(adapted, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_default_init_is_identity_bit_for_bit(arch, inputs):
+    base = tiny_model(arch)
+    with torch.no_grad():
+        expected = base(inputs).logits
+    model = get_peft_model(base, LoFiTConfig(use_scaling=True, use_offset=True))
+    with torch.no_grad():
+        assert torch.equal(model(inputs).logits, expected)
+
+
+def test_random_init_changes_outputs(inputs):
+    base = tiny_model("llama")
+    with torch.no_grad():
+        expected = base(inputs).logits
+    model = get_peft_model(base, LoFiTConfig(heads=HEADS, init_weights=False))
+    with torch.no_grad():
+        assert (model(inputs).logits - expected).abs().max() > 1e-2
+
+
+def test_normal_init_uses_init_std():
+    model = get_peft_model(tiny_model("llama"), LoFiTConfig(use_scaling=True, use_offset=False, init_weights="normal"))
+    values = torch.cat([p.flatten() for n, p in model.named_parameters() if "lofit_scaling" in n])
+    assert values.numel() == 2 * 4 * 8
+    assert 2e-4 < values.std().item() < 5e-3
+
+
+def test_only_lofit_parameters_train(inputs):
+    model = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=HEADS, use_scaling=True, init_weights="normal"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lofit_" in n for n in trainable)
+    assert sum(model.get_nb_trainable_parameters()[:1]) == 2 * len(HEADS) * 8
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss = model(inputs, labels=inputs).loss
+        loss.backward()
+        assert all(p.grad is not None for n, p in model.named_parameters() if n in trainable)
+        assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+        optimizer.step()
+        optimizer.zero_grad()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable
+
+
+@pytest.mark.parametrize("arch", ["llama_gqa", "gpt2", "gemma3"])
+def test_save_load_round_trip(arch, inputs, tmp_path):
+    model = get_peft_model(tiny_model(arch), LoFiTConfig(heads=HEADS, use_scaling=True, init_weights=False))
+    with torch.no_grad():
+        expected = model(inputs).logits
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in {".json", ".safetensors"}) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    head_dim = model.base_model.model.config.head_dim if arch == "gemma3" else 8
+    for vector in ("lofit_scaling", "lofit_offset"):
+        assert sum(t.numel() for k, t in tensors.items() if vector in k) == len(HEADS) * head_dim
+    assert not any("head_index" in key for key in tensors)
+
+    assert isinstance(PeftConfig.from_pretrained(tmp_path), LoFiTConfig)
+    loaded = PeftModel.from_pretrained(tiny_model(arch), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(inputs).logits, expected)
+
+
+def test_auto_peft_model_loads_base_and_adapter(inputs, tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model = get_peft_model(base, LoFiTConfig(heads=HEADS, init_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        expected = model(inputs).logits
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(loaded(inputs).logits, expected)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_merge_unmerge_restores_base_weights(arch, inputs):
+    model = get_peft_model(tiny_model(arch), LoFiTConfig(heads=HEADS, use_scaling=True, init_weights=False))
+    base_state = {k: v.clone() for k, v in model.base_model.model.state_dict().items() if "lofit" not in k}
+    with torch.no_grad():
+        expected = model(inputs).logits
+        model.merge_adapter()
+        torch.testing.assert_close(model(inputs).logits, expected, atol=1e-5, rtol=1e-5)
+        model.unmerge_adapter()
+    state = {k: v for k, v in model.base_model.model.state_dict().items() if "lofit" not in k}
+    assert state.keys() == base_state.keys()  # a bias created by merging is gone again
+    for key, value in base_state.items():
+        torch.testing.assert_close(state[key], value, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("arch", sorted(CAN_CARRY_OFFSETS))
+def test_merge_and_unload_survives_save_and_plain_reload(arch, inputs, tmp_path):
+    model = get_peft_model(tiny_model(arch), LoFiTConfig(heads=HEADS, use_scaling=True, init_weights=False))
+    with torch.no_grad():
+        expected = model(inputs).logits
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, LoFiTLayer) for m in merged.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(inputs).logits, expected, atol=1e-5, rtol=1e-5)
+    merged.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(inputs).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_merged_checkpoint_loads_without_peft_lofit(inputs, tmp_path):
+    model = get_peft_model(tiny_model("llama_gqa"), LoFiTConfig(heads=HEADS, use_scaling=True, init_weights=False))
+    with torch.no_grad():
+        expected = model(inputs).logits
+    model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    torch.save({"inputs": inputs, "expected": expected}, tmp_path / "io.pt")
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'merged')!r}).eval()\n"
+        "assert 'peft_lofit' not in sys.modules and 'peft' not in sys.modules\n"
+        "with torch.no_grad():\n"
+        "    torch.testing.assert_close(model(io['inputs']).logits, io['expected'], atol=1e-5, rtol=1e-5)\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_merge_and_unload_refuses_offsets_without_bias_switch(arch, inputs):
+    model = get_peft_model(tiny_model(arch), LoFiTConfig(heads=HEADS, init_weights=False))
+    with torch.no_grad():
+        expected = model(inputs).logits
+    with pytest.raises(ValueError, match="no bias.*Keep the adapter unmerged"):
+        model.merge_and_unload()
+    assert sum(isinstance(m, LoFiTLayer) for m in model.modules()) == 2  # untouched
+    with torch.no_grad():
+        assert torch.equal(model(inputs).logits, expected)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_scaling_only_adapter_merges_without_bias(arch, inputs):
+    model = get_peft_model(tiny_model(arch), LoFiTConfig(heads=HEADS, use_scaling=True, use_offset=False, init_weights=False))
+    with torch.no_grad():
+        expected = model(inputs).logits
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(merged(inputs).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_unload_returns_base_state_dict_unchanged():
+    base = tiny_model("llama")
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, LoFiTConfig(heads=HEADS, use_scaling=True, init_weights=False))
+    unloaded = model.unload()
+    state = unloaded.state_dict()
+    assert state.keys() == base_state.keys()
+    assert all(torch.equal(state[k], base_state[k]) for k in state)
+
+
+def test_safe_merge_detects_nans():
+    model = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=HEADS, init_weights=False))
+    layer = next(m for m in model.modules() if isinstance(m, LoFiTLayer))
+    with torch.no_grad():
+        layer.lofit_offset["default"][0, 0] = float("nan")
+    def base_weights():
+        return {k: v.clone() for k, v in model.base_model.model.state_dict().items() if "lofit_" not in k}
+
+    before = base_weights()
+    with pytest.raises(ValueError, match="NaNs detected in the merged weights. The adapter default seems to be broken"):
+        model.merge_adapter(safe_merge=True)
+    after = base_weights()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+    assert not layer.merged
+
+
+def two_adapter_model():
+    model = get_peft_model(tiny_model("llama_gqa"), LoFiTConfig(heads=[[0, 1], [1, 2]], init_weights=False))
+    model.add_adapter("other", LoFiTConfig(heads=[[0, 3], [1, 2]], use_scaling=True, init_weights=False))
+    return model.eval()
+
+
+def test_mixed_batch_equals_per_adapter_runs(inputs):
+    model = two_adapter_model()
+    with torch.no_grad():
+        model.set_adapter("default")
+        out_default = model(inputs).logits
+        model.set_adapter("other")
+        out_other = model(inputs).logits
+        with model.disable_adapter():
+            out_base = model(inputs).logits
+        mixed = model(inputs, adapter_names=["default", "other", "__base__"]).logits
+    torch.testing.assert_close(mixed[0], out_default[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(mixed[1], out_other[1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(mixed[2], out_base[2], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_mixed_batch_generate(inputs, num_beams):
+    model = two_adapter_model()
+    kwargs = dict(max_new_tokens=4, do_sample=False, num_beams=num_beams, pad_token_id=0)
+    with torch.no_grad():
+        mixed = model.generate(input_ids=inputs[:2], adapter_names=["default", "other"], **kwargs)
+        model.set_adapter("default")
+        first = model.generate(input_ids=inputs[:1], **kwargs)
+        model.set_adapter("other")
+        second = model.generate(input_ids=inputs[1:2], **kwargs)
+    assert torch.equal(mixed[0], first[0]) and torch.equal(mixed[1], second[0])
+
+
+def test_unknown_adapter_name_in_mixed_batch(inputs):
+    with pytest.raises(ValueError, match="non-existing adapter.*typo"):
+        two_adapter_model()(inputs, adapter_names=["default", "typo", "other"])
+
+
+def test_several_active_adapters_compose_in_order(inputs):
+    model = two_adapter_model()
+    model.base_model.set_adapter(["default", "other"])
+    with torch.no_grad():
+        both = model(inputs).logits
+        model.merge_adapter()
+        torch.testing.assert_close(model(inputs).logits, both, atol=1e-5, rtol=1e-5)
+        model.unmerge_adapter()
+        with model.disable_adapter():
+            base = model(inputs).logits
+    assert (both - base).abs().max() > 1e-3
+
+
+def test_disable_adapter_equals_base(inputs):
+    base = tiny_model("llama")
+    with torch.no_grad():
+        expected = base(inputs).logits
+    model = get_peft_model(base, LoFiTConfig(heads=HEADS, use_scaling=True, init_weights=False))
+    with torch.no_grad(), model.disable_adapter():
+        assert torch.equal(model(inputs).logits, expected)
+
+
+def test_delete_adapter_removes_every_trace(inputs):
+    model = two_adapter_model()
+    model.delete_adapter("other")
+    assert "other" not in model.peft_config
+    assert not any("other" in name for name, _ in model.named_parameters())
+    assert not any("other" in name for name, _ in model.named_buffers())
+    for module in model.modules():
+        if isinstance(module, LoFiTLayer):
+            assert "other" not in module.lofit_head_index and "other" not in module.lofit_scaling
+    assert model.active_adapters == ["default"]
+
+
+def test_add_weighted_adapter_same_heads_is_linear_combination(inputs):
+    model = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=HEADS, init_weights=False))
+    model.add_adapter("b", LoFiTConfig(heads=HEADS, init_weights=False))
+    model.add_weighted_adapter(["default", "b"], [0.5, -2.0], "mix")
+    for module in model.modules():
+        if isinstance(module, LoFiTLayer):
+            expected = 0.5 * module.lofit_offset["default"] - 2.0 * module.lofit_offset["b"]
+            torch.testing.assert_close(module.lofit_offset["mix"], expected)
+    assert model.peft_config["mix"].heads == HEADS
+
+
+def test_add_weighted_adapter_different_heads_takes_union():
+    model = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=[[0, 1], [1, 2]], init_weights=False))
+    model.add_adapter("b", LoFiTConfig(heads=[[1, 2], [1, 3]], use_scaling=True, init_weights=False))
+    model.add_weighted_adapter(["default", "b"], [1.0, 3.0], "mix")
+    config = model.peft_config["mix"]
+    assert config.heads == [[0, 1], [1, 2], [1, 3]] and config.use_scaling and config.use_offset
+    layer1 = projection_of(model.base_model.model, 1)
+    offsets = dict(zip(layer1.heads_of("mix"), layer1.lofit_offset["mix"]))
+    default = dict(zip(layer1.heads_of("default"), layer1.lofit_offset["default"]))
+    other = dict(zip(layer1.heads_of("b"), layer1.lofit_offset["b"]))
+    torch.testing.assert_close(offsets[2], default[2] + 3.0 * other[2])
+    torch.testing.assert_close(offsets[3], 3.0 * other[3])
+    scalings = dict(zip(layer1.heads_of("mix"), layer1.lofit_scaling["mix"]))
+    torch.testing.assert_close(scalings[2], 3.0 * dict(zip(layer1.heads_of("b"), layer1.lofit_scaling["b"]))[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("autocast_adapter_dtype", [True, False])
+def test_half_precision(dtype, autocast_adapter_dtype, inputs):
+    reference = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=HEADS, use_scaling=True, init_weights=False))
+    with torch.no_grad():
+        expected = reference(inputs).logits
+    model = get_peft_model(
+        tiny_model("llama", dtype=dtype),
+        LoFiTConfig(heads=HEADS, use_scaling=True, init_weights=False),
+        autocast_adapter_dtype=autocast_adapter_dtype,
+    )
+    adapter_dtype = torch.float32 if autocast_adapter_dtype else dtype
+    assert {p.dtype for n, p in model.named_parameters() if "lofit_" in n} == {adapter_dtype}
+    with torch.no_grad():
+        logits = model(inputs).logits
+    assert logits.dtype == dtype
+    torch.testing.assert_close(logits.float(), expected, atol=0.1, rtol=0.05)
+    model.merge_adapter()
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs).logits.float(), expected, atol=0.1, rtol=0.05)
