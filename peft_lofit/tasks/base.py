@@ -1,0 +1,125 @@
+"""What every task shares: where the data lives, reading rows with clear errors, and exact-match evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+# The repository's ../shared/data, relative to the project root (the folder holding the package).
+_PROJECT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def data_root(data_dir: Optional[str | os.PathLike] = None) -> Path:
+    """``data_dir`` if given, else ``$LOFIT_DATA_DIR``, else ``../shared/data`` beside the project."""
+    if data_dir is not None:
+        return Path(data_dir)
+    if os.environ.get("LOFIT_DATA_DIR"):
+        return Path(os.environ["LOFIT_DATA_DIR"])
+    return _PROJECT_DATA
+
+
+def existing_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found at {path}. Pass the data folder with --data-dir (or data_dir=).")
+    return path
+
+
+def require_fields(row: dict, fields: Iterable[str], path: Path, row_number: int) -> None:
+    """Raise a ValueError naming the file, the row and the column when a field is missing or empty."""
+    for name in fields:
+        value = row.get(name)
+        if value is None or (isinstance(value, (str, list)) and len(value) == 0):
+            state = "missing" if name not in row else "empty"
+            raise ValueError(f"{path}, row {row_number}: column {name!r} is {state}; every row needs it.")
+
+
+def read_json_rows(path: Path) -> list[dict]:
+    """Rows of a ``.json`` list or a ``.jsonl`` file, with the failing line named on a decoding error."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (byte {error.start}); re-save it as UTF-8.") from None
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
+        return rows
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}).") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of rows.")
+    return rows
+
+
+@dataclass
+class GenerationExample:
+    """A prompt to complete greedily, and the answers that count as correct."""
+
+    prompt: str
+    answers: list[str]
+    completion: str = ""  # the training target (answer text the model should produce)
+    extra: dict = field(default_factory=dict)
+
+
+def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, desc: str) -> list[str]:
+    """Greedy continuations of ``prompts`` (left-padded batches), decoded without special tokens."""
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    outputs = []
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
+            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
+            with torch.no_grad():
+                generated = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            new_tokens = generated[:, batch["input_ids"].shape[1] :]
+            outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = padding_side
+    return outputs
+
+
+def exact_match_accuracy(
+    predictions: list[str], examples: list[GenerationExample], normalize: Callable[[str], str]
+) -> float:
+    """Fraction of predictions equal, after ``normalize``, to one of their example's answers (also normalized)."""
+    if not examples:
+        return float("nan")
+    hits = sum(
+        normalize(prediction) in {normalize(answer) for answer in example.answers}
+        for prediction, example in zip(predictions, examples)
+    )
+    return hits / len(examples)
+
+
+def evaluate_exact_match(model, tokenizer, examples, normalize, max_new_tokens=16, batch_size=16, desc="eval"):
+    """Greedy generation then exact match: ``{"accuracy": ..., "n": ...}`` and the predictions."""
+    predictions = generate_greedy(model, tokenizer, [e.prompt for e in examples], max_new_tokens, batch_size, desc)
+    accuracy = exact_match_accuracy(predictions, examples, normalize)
+    return {"accuracy": accuracy, "n": len(examples)}, predictions
+
+
+def first_line(text: str) -> str:
+    return text.split("\n", 1)[0].strip()
+
+
+def up_to_stop(text: str) -> str:
+    """Text up to the first full stop or newline, stripped and lower-cased (CLUTRR's prediction rule)."""
+    return re.split(r"[.\n]", text, maxsplit=1)[0].strip().lower()

@@ -1,0 +1,157 @@
+"""Training for both LoFiT steps on TRL's trainers: DPO (TruthfulQA) and SFT with the loss on answer tokens.
+
+LoFiT adds two things to the trainers and nothing else: an L1 penalty ``lambda * sum |A|`` on the scalings (step 1),
+and the choice of which adapter vectors exist (the LoFiTConfig passed as ``peft_config``). The DPO reference model is
+the same model with the adapter disabled, which is what TRL does when it is given a ``peft_config``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+from .config import LoFiTConfig
+
+OBJECTIVES = ("dpo", "sft")
+
+
+@dataclass
+class TrainSettings:
+    """Hyperparameters of one training run; the defaults are the paper's (AdamW, linear decay, no warm-up)."""
+
+    learning_rate: float = 5e-3
+    epochs: float = 5
+    batch_size: int = 8
+    l1_lambda: float = 0.0
+    dpo_beta: float = 0.5
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    max_length: Optional[int] = 512
+    output_dir: str = "lofit_runs/train"
+    save_checkpoints: bool = False
+    resume_from_checkpoint: Optional[str] = None
+    logging_steps: int = 5
+    extra: dict = field(default_factory=dict)  # any other TRL / Trainer argument
+
+    def __post_init__(self):
+        for name in ("learning_rate", "epochs", "batch_size", "dpo_beta", "max_grad_norm"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number, got {value!r}.")
+        if not self.l1_lambda >= 0:
+            raise ValueError(f"l1_lambda must be >= 0, got {self.l1_lambda!r}.")
+
+    def trainer_arguments(self) -> dict:
+        return dict(
+            output_dir=self.output_dir,
+            learning_rate=self.learning_rate,
+            num_train_epochs=self.epochs,
+            per_device_train_batch_size=self.batch_size,
+            lr_scheduler_type="linear",
+            warmup_steps=0,
+            optim="adamw_torch",
+            max_grad_norm=self.max_grad_norm,
+            seed=self.seed,
+            data_seed=self.seed,
+            logging_steps=self.logging_steps,
+            save_strategy="epoch" if self.save_checkpoints else "no",
+            report_to="none",
+            max_length=self.max_length,
+            bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # TRL's default assumes a GPU
+            **self.extra,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def scaling_l1(model: torch.nn.Module) -> torch.Tensor:
+    """``sum |A|`` over the trainable LoFiT scalings of ``model`` (0 when there are none)."""
+    terms = [p.abs().sum() for n, p in model.named_parameters() if ".lofit_scaling." in n and p.requires_grad]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+class L1PenaltyMixin:
+    """Adds ``l1_lambda * sum |A|`` to the trainer's loss; logs it as ``l1``."""
+
+    l1_lambda: float = 0.0
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        if not self.l1_lambda:
+            return result
+        penalty = self.l1_lambda * scaling_l1(model)
+        self._last_l1 = penalty.detach().item()
+        if return_outputs:
+            loss, outputs = result
+            return loss + penalty.to(loss.device), outputs
+        return result + penalty.to(result.device)
+
+    def log(self, logs, *args, **kwargs):
+        if self.l1_lambda and "loss" in logs and hasattr(self, "_last_l1"):
+            logs["l1"] = self._last_l1
+        super().log(logs, *args, **kwargs)
+
+
+class LoFiTDPOTrainer(L1PenaltyMixin, DPOTrainer):
+    """TRL's DPOTrainer with the LoFiT L1 penalty."""
+
+
+class LoFiTSFTTrainer(L1PenaltyMixin, SFTTrainer):
+    """TRL's SFTTrainer (prompt-completion data: loss on completion tokens only) with the LoFiT L1 penalty."""
+
+
+class NonFiniteLossCallback(TrainerCallback):
+    """Stop with a clear message, naming the step, when the logged loss becomes NaN or inf."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise FloatingPointError(
+                f"Training loss became {loss} at step {state.global_step}; stopping. Lower the learning rate or "
+                "check the data. The adapter from the last checkpoint (if any) is intact."
+            )
+
+
+def build_trainer(model, tokenizer, rows: list[dict], objective: str, lofit_config: LoFiTConfig, settings: TrainSettings):
+    """A TRL trainer that wraps ``model`` with ``lofit_config`` and trains on ``rows``.
+
+    ``rows`` are ``{prompt, chosen, rejected}`` for DPO and ``{prompt, completion}`` for SFT.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
+    if not rows:
+        raise ValueError("No training rows: check the data split and --limit.")
+    dataset = Dataset.from_list(rows)
+    if objective == "dpo":
+        args = DPOConfig(beta=settings.dpo_beta, **settings.trainer_arguments())
+        trainer_class = LoFiTDPOTrainer
+    else:
+        args = SFTConfig(completion_only_loss=True, **settings.trainer_arguments())
+        trainer_class = LoFiTSFTTrainer
+    trainer = trainer_class(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lofit_config,
+        callbacks=[NonFiniteLossCallback()],
+    )
+    trainer.l1_lambda = settings.l1_lambda
+    return trainer
+
+
+def train_lofit(model, tokenizer, rows, objective, lofit_config: LoFiTConfig, settings: TrainSettings):
+    """Train a LoFiT adapter and return the PeftModel (the base model's projections are wrapped in place)."""
+    torch.manual_seed(settings.seed)
+    trainer = build_trainer(model, tokenizer, rows, objective, lofit_config, settings)
+    trainer.train(resume_from_checkpoint=settings.resume_from_checkpoint)
+    peft_model = trainer.model
+    peft_model.eval()
+    return peft_model, trainer
