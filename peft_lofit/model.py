@@ -29,6 +29,63 @@ def _adapter_names_pre_forward_hook(module, args, kwargs, adapter_names):
     return args, kwargs
 
 
+def find_projections(model: nn.Module, config: LoFiTConfig) -> dict[int, tuple[str, HeadGeometry]]:
+    """Map each layer index to (output projection name, head geometry), validating ``config.heads`` on the way.
+
+    Raises a ValueError if no module matches, a layer has several matches, a module is not in a numbered layer, or
+    a selected head names a layer without a projection or a head index past the layer's last head.
+    """
+    if config.target_modules is None:
+        config = replace(config, target_modules=default_target_modules(getattr(model.config, "model_type", None)))
+    tuner_layers = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    found: dict[int, tuple[str, HeadGeometry]] = {}
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in tuner_layers):
+            continue
+        match = check_target_module_exists(config, name)
+        if not match or isinstance(match, _ExcludedModule):
+            continue
+        layer = layer_index(name)
+        if layer is None:
+            raise ValueError(
+                f"`target_modules` matched {name!r}, which is not inside a numbered decoder layer, so its heads "
+                "cannot be addressed as [layer, head]. Narrow `target_modules` to the attention output projection."
+            )
+        if layer in found:
+            raise ValueError(
+                f"`target_modules` matched two modules in layer {layer}: {found[layer][0]!r} and {name!r}. LoFiT "
+                "needs exactly one attention output projection per layer; narrow `target_modules` "
+                "(e.g. 'attn.c_proj' rather than 'c_proj')."
+            )
+        geometry = head_geometry(
+            getattr(model, "config", None), projection_in_features(module), config.num_heads, config.head_dim
+        )
+        if isinstance(module, LoFiTLayer) and module.geometry != geometry:
+            raise ValueError(
+                f"This adapter splits {name} into {geometry}, but the layer already holds adapters with "
+                f"{module.geometry}; all adapters on a model must share num_heads and head_dim."
+            )
+        found[layer] = (name, geometry)
+    if not found:
+        raise ValueError(
+            f"`target_modules`={config.target_modules!r} matched no module of the model. Pass the name of the "
+            "attention output projection, e.g. target_modules=['self_attn.o_proj']."
+        )
+    for layer, head in config.heads or []:
+        if layer not in found:
+            raise ValueError(
+                f"Head [{layer}, {head}] is in layer {layer}, but the model has attention output projections in "
+                f"layers {min(found)}..{max(found)} only ({len(found)} layers). Check the head list against this "
+                "model."
+            )
+        num_heads = found[layer][1].num_heads
+        if head >= num_heads:
+            raise ValueError(
+                f"Head [{layer}, {head}] does not exist: layer {layer} has {num_heads} heads (0..{num_heads - 1})."
+            )
+    return found
+
+
 class LoFiTModel(BaseTuner):
     """Creates a LoFiT model from a pretrained transformers model (Yin et al., 2024, arXiv:2406.01563).
 
@@ -53,61 +110,7 @@ class LoFiTModel(BaseTuner):
 
     def _prepare_model(self, peft_config: LoFiTConfig, model: nn.Module) -> None:
         """Validate the head list against the model before anything is replaced."""
-        self.projections(model, peft_config)
-
-    def projections(self, model: nn.Module, config: LoFiTConfig) -> dict[int, tuple[str, HeadGeometry]]:
-        """Map each layer index to (output projection name, head geometry), validating ``config.heads`` on the way.
-
-        Raises a ValueError if no module matches, a layer has several matches, a module is not in a numbered layer, or
-        a selected head names a layer without a projection or a head index past the layer's last head.
-        """
-        tuner_layers = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
-        found: dict[int, tuple[str, HeadGeometry]] = {}
-        for name, module in model.named_modules():
-            if any(name.startswith(prefix + ".") for prefix in tuner_layers):
-                continue
-            match = check_target_module_exists(config, name)
-            if not match or isinstance(match, _ExcludedModule):
-                continue
-            layer = layer_index(name)
-            if layer is None:
-                raise ValueError(
-                    f"`target_modules` matched {name!r}, which is not inside a numbered decoder layer, so its heads "
-                    "cannot be addressed as [layer, head]. Narrow `target_modules` to the attention output projection."
-                )
-            if layer in found:
-                raise ValueError(
-                    f"`target_modules` matched two modules in layer {layer}: {found[layer][0]!r} and {name!r}. LoFiT "
-                    "needs exactly one attention output projection per layer; narrow `target_modules` "
-                    "(e.g. 'attn.c_proj' rather than 'c_proj')."
-                )
-            geometry = head_geometry(
-                getattr(model, "config", None), projection_in_features(module), config.num_heads, config.head_dim
-            )
-            if isinstance(module, LoFiTLayer) and module.geometry != geometry:
-                raise ValueError(
-                    f"This adapter splits {name} into {geometry}, but the layer already holds adapters with "
-                    f"{module.geometry}; all adapters on a model must share num_heads and head_dim."
-                )
-            found[layer] = (name, geometry)
-        if not found:
-            raise ValueError(
-                f"`target_modules`={config.target_modules!r} matched no module of the model. Pass the name of the "
-                "attention output projection, e.g. target_modules=['self_attn.o_proj']."
-            )
-        for layer, head in config.heads or []:
-            if layer not in found:
-                raise ValueError(
-                    f"Head [{layer}, {head}] is in layer {layer}, but the model has attention output projections in "
-                    f"layers {min(found)}..{max(found)} only ({len(found)} layers). Check the head list against this "
-                    "model."
-                )
-            num_heads = found[layer][1].num_heads
-            if head >= num_heads:
-                raise ValueError(
-                    f"Head [{layer}, {head}] does not exist: layer {layer} has {num_heads} heads (0..{num_heads - 1})."
-                )
-        return found
+        find_projections(model, peft_config)
 
     @staticmethod
     def _check_target_module_exists(peft_config: LoFiTConfig, key: str):

@@ -37,6 +37,7 @@ class TrainSettings:
     save_checkpoints: bool = False
     resume_from_checkpoint: Optional[str] = None
     logging_steps: int = 5
+    gradient_checkpointing: bool = False  # TRL turns it on by default; it only pays off when memory is short
     extra: dict = field(default_factory=dict)  # any other TRL / Trainer argument
 
     def __post_init__(self):
@@ -63,6 +64,7 @@ class TrainSettings:
             save_strategy="epoch" if self.save_checkpoints else "no",
             report_to="none",
             max_length=self.max_length,
+            gradient_checkpointing=self.gradient_checkpointing,
             bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # TRL's default assumes a GPU
             **self.extra,
         )

@@ -64,3 +64,18 @@ def projection_of(model, layer: int):
         if name.endswith(suffix) and layer_index(name) == layer:
             return module
     raise LookupError(layer)
+
+
+CHARS = list("abcdefghijklmnopqrstuvwxyz :?.ABQ'\"\n")
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer with <= 64 ids (pad 0, bos 1, eos 2), built locally."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: index for index, token in enumerate(["<pad>", "<s>", "</s>"] + CHARS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="<s>")

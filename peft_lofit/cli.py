@@ -1,0 +1,247 @@
+"""``lofit``: the LoFiT pipeline on the command line.
+
+    lofit run        localize, train, evaluate base and LoFiT, save adapter + heads + metrics
+    lofit localize   step 1 only: score every head, write a head-selection JSON and heatmap
+    lofit train      step 2 only: train offsets on heads from a selection (or random heads)
+    lofit eval       evaluate a model, with or without an adapter
+
+Errors are reported as one line (``lofit: error: ...``) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .tasks import TASKS
+
+DEFAULT_MODEL_HELP = "HF model id or local folder (default: the embedded SmolLM2-135M-Instruct)"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", choices=sorted(TASKS), default="truthfulqa", help="task (default: truthfulqa)")
+    parser.add_argument("--model", default=None, help=DEFAULT_MODEL_HELP)
+    parser.add_argument("--data-dir", default=None, help="data folder (default: ../shared/data or $LOFIT_DATA_DIR)")
+    parser.add_argument("--fold", type=int, default=0, help="TruthfulQA fold (default: 0)")
+    parser.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
+
+
+def _train_arguments(parser, prefix: str, lr: float, epochs: float, what: str, l1: float | None = None) -> None:
+    parser.add_argument(f"--{prefix}lr", type=_positive_float, default=lr, help=f"{what} learning rate (default: {lr})")
+    parser.add_argument(f"--{prefix}epochs", type=_positive_float, default=epochs, help=f"{what} epochs (default: {epochs})")
+    if l1 is not None:
+        parser.add_argument("--l1", type=_non_negative_float, default=l1, help=f"L1 weight lambda on A (default: {l1})")
+
+
+def _selection_arguments(parser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--k", type=_positive_int, default=None, help="number of heads to train")
+    group.add_argument("--fraction", type=_fraction, default=0.03, help="share of all heads to train (default: 0.03)")
+
+
+def _run_options(parser) -> None:
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="training batch size (default: 8)")
+    parser.add_argument("--beta", type=_positive_float, default=0.5, help="DPO beta (default: 0.5)")
+    parser.add_argument("--train-limit", type=_positive_int, default=None, help="use only the first N training rows")
+    parser.add_argument("--eval-limit", type=_positive_int, default=None, help="evaluate only the first N examples")
+    parser.add_argument("--eval-split", default="test", help="split to evaluate (default: test)")
+    parser.add_argument("--both-vectors", action="store_true", help="step 2 trains A and v (default: v only)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lofit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,localize,train,eval}")
+
+    run = commands.add_parser("run", help="the whole pipeline", description="Localize, train, evaluate and save.")
+    _common(run)
+    _selection_arguments(run)
+    _train_arguments(run, "localize-", 5e-3, 5, "localization", l1=5e-4)
+    _train_arguments(run, "", 1e-2, 5, "offset training")
+    _run_options(run)
+    run.add_argument("--heads", default="learned", help="'learned' (default), 'random', or a head-selection JSON")
+    run.add_argument("--output", default="lofit_runs/run", help="output folder (default: lofit_runs/run)")
+    run.add_argument("--quick", action="store_true", help="smoke run: 32 training rows, 24 eval examples, 1 epoch each")
+
+    loc = commands.add_parser("localize", help="step 1: score every head", description="Step 1 of LoFiT.")
+    _common(loc)
+    _train_arguments(loc, "", 5e-3, 5, "localization", l1=5e-4)
+    loc.add_argument("--batch-size", type=_positive_int, default=8, help="batch size (default: 8)")
+    loc.add_argument("--beta", type=_positive_float, default=0.5, help="DPO beta (default: 0.5)")
+    loc.add_argument("--train-limit", type=_positive_int, default=None, help="use only the first N training rows")
+    loc.add_argument("--output", default="lofit_runs/heads.json", help="head-selection JSON (a PNG is written beside)")
+    loc.add_argument("--top", type=_positive_int, default=8, help="heads outlined in the heatmap (default: 8)")
+
+    train = commands.add_parser("train", help="step 2: train offsets on selected heads", description="Step 2 of LoFiT.")
+    _common(train)
+    _selection_arguments(train)
+    _train_arguments(train, "", 1e-2, 5, "offset training")
+    _run_options(train)
+    train.add_argument("--heads", required=True, help="head-selection JSON from `lofit localize`, or 'random'")
+    train.add_argument("--output", default="lofit_runs/adapter", help="adapter folder (default: lofit_runs/adapter)")
+
+    evaluate = commands.add_parser("eval", help="evaluate a model", description="Evaluate a model (and adapter).")
+    _common(evaluate)
+    evaluate.add_argument("--adapter", default=None, help="LoFiT adapter folder to apply")
+    evaluate.add_argument("--split", default="test", help="split (default: test)")
+    evaluate.add_argument("--limit", type=_positive_int, default=None, help="only the first N examples")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=16, help="generation batch size (default: 16)")
+    evaluate.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+    return parser
+
+
+def _settings(args):
+    from .pipeline import PipelineSettings
+    from .training import TrainSettings
+
+    localize = TrainSettings(
+        learning_rate=getattr(args, "localize_lr", args.lr),
+        epochs=getattr(args, "localize_epochs", args.epochs),
+        l1_lambda=getattr(args, "l1", 5e-4),
+        batch_size=args.batch_size,
+        dpo_beta=args.beta,
+    )
+    train = TrainSettings(learning_rate=args.lr, epochs=args.epochs, batch_size=args.batch_size, dpo_beta=args.beta)
+    return PipelineSettings(
+        task=args.task,
+        model=args.model,
+        data_dir=args.data_dir,
+        fold=args.fold,
+        k=getattr(args, "k", None),
+        fraction=getattr(args, "fraction", 0.03),
+        heads=getattr(args, "heads", "learned"),
+        localize=localize,
+        train=train,
+        train_both_vectors=getattr(args, "both_vectors", False),
+        train_limit=args.train_limit,
+        eval_split=getattr(args, "eval_split", "test"),
+        eval_limit=getattr(args, "eval_limit", None),
+        output_dir=str(Path(args.output).parent if args.command == "localize" else args.output),
+        seed=args.seed,
+    )
+
+
+def command_run(args) -> None:
+    from .pipeline import results_table, run_pipeline
+
+    settings = _settings(args)
+    if args.quick:
+        settings.make_quick()
+    results = run_pipeline(settings)
+    print()
+    print(results_table(results))
+    print(f"\nTimes (s): {results['timings_s']}")
+    print(f"Adapter, heads and metrics written to {settings.output_dir}/")
+
+
+def command_localize(args) -> None:
+    from .default_model import load_model_and_tokenizer
+    from .localize import localize
+    from .tasks import get_task
+
+    settings = _settings(args)
+    task = get_task(args.task)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    settings.localize.output_dir = str(Path(settings.output_dir) / "checkpoints" / "localize")
+    rows = task.training_rows("train", data_dir=args.data_dir, fold=args.fold, limit=args.train_limit)
+    selection = localize(model, tokenizer, rows, task.objective, settings=settings.localize, metadata={"task": args.task})
+    output = Path(args.output)
+    selection.save(output)
+    selection.heatmap(output.with_suffix(".png"), title=f"{args.task}: LoFiT head scores", k=args.top)
+    print(f"Top {args.top} heads: {selection.top(args.top)}")
+    print(f"Scores written to {output} and {output.with_suffix('.png')}")
+
+
+def command_train(args) -> None:
+    from .config import LoFiTConfig
+    from .default_model import load_model_and_tokenizer
+    from .pipeline import select_heads
+    from .tasks import get_task
+    from .training import train_lofit
+
+    if args.heads == "learned":
+        raise ValueError("lofit train needs --heads FILE.json (written by `lofit localize`) or --heads random.")
+    settings = _settings(args)
+    task = get_task(args.task)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    settings.train.output_dir = str(Path(settings.output_dir) / "checkpoints")
+    rows = task.training_rows("train", data_dir=args.data_dir, fold=args.fold, limit=args.train_limit)
+    heads, _ = select_heads(settings, model, tokenizer, rows, Path(settings.output_dir), {})
+    config = LoFiTConfig(heads=heads, use_scaling=args.both_vectors)
+    peft_model, _ = train_lofit(model, tokenizer, rows, task.objective, config, settings.train)
+    peft_model.save_pretrained(args.output)
+    print(f"Adapter on {len(heads)} heads written to {args.output}")
+
+
+def command_eval(args) -> None:
+    from .default_model import load_model_and_tokenizer
+    from .io import atomic_write_json
+    from .tasks import get_task
+
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter).eval()
+    metrics = get_task(args.task).evaluate(
+        model, tokenizer, split=args.split, data_dir=args.data_dir, fold=args.fold, limit=args.limit,
+        batch_size=args.batch_size,
+    )
+    print(" ".join(f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}" for key, value in metrics.items()))
+    if args.output:
+        atomic_write_json(Path(args.output), metrics)
+
+
+COMMANDS = {"run": command_run, "localize": command_localize, "train": command_train, "eval": command_eval}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"lofit: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lofit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Step 1 of LoFiT: find the heads that matter for a task.
+
+A LoFiT adapter on every head with only the scalings A (``A ~ N(0, init_std^2)``) is trained with
+
+    loss = task loss + lambda * sum_lh |A_lh|
+
+and each head is scored by ``||A_lh||_2``. The model is handed back exactly as it came in.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from peft import PeftModel
+
+from .architectures import layer_index
+from .config import LoFiTConfig
+from .heads import HeadSelection
+from .layer import LoFiTLayer
+from .training import TrainSettings, train_lofit
+
+# The paper's localization hyperparameters for Llama-2-7B (TruthfulQA).
+DEFAULT_LOCALIZE_SETTINGS = dict(learning_rate=5e-3, l1_lambda=5e-4)
+
+
+def localize(
+    model,
+    tokenizer,
+    rows: list[dict],
+    objective: str,
+    settings: Optional[TrainSettings] = None,
+    init_std: float = 1e-3,
+    target_modules=None,
+    num_heads: Optional[int] = None,
+    head_dim: Optional[int] = None,
+    metadata: Optional[dict] = None,
+) -> HeadSelection:
+    """Train per-head scalings under an L1 penalty on ``rows`` and return every head's score.
+
+    ``rows``/``objective`` are as for ``training.build_trainer`` (``"dpo"``: prompt/chosen/rejected, ``"sft"``:
+    prompt/completion). ``settings.l1_lambda`` is lambda. ``model`` must be a plain transformers model: to localize
+    on top of an adapter, merge it first (``peft_model.merge_and_unload()``).
+    """
+    if isinstance(model, PeftModel):
+        raise ValueError(
+            "localize() takes the base model, not a PeftModel: merge the existing adapter first "
+            "(model = peft_model.merge_and_unload()) or pass peft_model.get_base_model() after unload()."
+        )
+    settings = settings or TrainSettings(**DEFAULT_LOCALIZE_SETTINGS)
+    if settings.l1_lambda == 0:
+        raise ValueError("localize() needs l1_lambda > 0: the L1 penalty is what separates the heads.")
+    config = LoFiTConfig(
+        heads=None,
+        use_scaling=True,
+        use_offset=False,
+        init_weights="normal",
+        init_std=init_std,
+        target_modules=target_modules,
+        num_heads=num_heads,
+        head_dim=head_dim,
+    )
+    was_training = model.training
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    peft_model, _ = train_lofit(model, tokenizer, rows, objective, config, settings)
+    try:
+        scores = head_scores(peft_model)
+    finally:
+        peft_model.unload()
+        for name, param in model.named_parameters():
+            param.requires_grad_(requires_grad.get(name, param.requires_grad))
+        model.train(was_training)
+    info = {"objective": objective, "init_std": init_std, **settings.to_dict(), **(metadata or {})}
+    info.pop("extra", None)
+    return HeadSelection(scores=scores, metadata=info)
+
+
+def head_scores(peft_model, adapter_name: str = "default") -> list[list[float]]:
+    """``||A_lh||_2`` for every head of every adapted layer, as ``scores[layer][head]`` (layers in order)."""
+    by_layer = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoFiTLayer) and adapter_name in module.lofit_scaling:
+            norms = torch.zeros(module.geometry.num_heads)
+            norms[module.lofit_head_index[adapter_name].cpu()] = (
+                module.lofit_scaling[adapter_name].detach().float().norm(dim=-1).cpu()
+            )
+            by_layer[layer_index(name)] = norms.tolist()
+    if not by_layer:
+        raise ValueError(f"No LoFiT scalings found for adapter {adapter_name!r}.")
+    return [by_layer[layer] for layer in sorted(by_layer)]

@@ -1,0 +1,163 @@
+"""The whole LoFiT pipeline: localize, pick K heads, train offsets, evaluate base and adapted model, save.
+
+Everything the command line does is a function here, so the same steps run from Python (see examples/).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import LoFiTConfig
+from .default_model import load_model_and_tokenizer
+from .heads import HeadSelection, random_heads
+from .io import atomic_write_json
+from .localize import localize
+from .model import find_projections
+from .tasks import get_task
+from .training import TrainSettings, train_lofit
+
+HEAD_CHOICES = ("learned", "random")
+
+
+@dataclass
+class PipelineSettings:
+    """One LoFiT run. Defaults: the paper's TruthfulQA recipe with K = 3% of heads."""
+
+    task: str = "truthfulqa"
+    model: Optional[str] = None  # None: the embedded SmolLM2-135M-Instruct
+    data_dir: Optional[str] = None
+    fold: int = 0
+    k: Optional[int] = None
+    fraction: float = 0.03
+    heads: str = "learned"  # "learned", "random", or a HeadSelection JSON file (heads from another run/task)
+    localize: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=5e-3, l1_lambda=5e-4))
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=1e-2))
+    train_both_vectors: bool = False  # step 2 trains v only (paper); True trains A and v
+    train_limit: Optional[int] = None
+    eval_split: str = "test"
+    eval_limit: Optional[int] = None
+    eval_batch_size: int = 16
+    output_dir: str = "lofit_runs/run"
+    seed: int = 42
+
+    def __post_init__(self):
+        get_task(self.task)
+        if self.heads not in HEAD_CHOICES and not Path(self.heads).is_file():
+            raise ValueError(f"--heads must be 'learned', 'random' or an existing head-selection JSON file; got {self.heads!r}.")
+        for name in ("train_limit", "eval_limit", "k"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}.")
+        if self.k is None and not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}.")
+
+    def make_quick(self) -> "PipelineSettings":
+        """Turn this into a smoke run of a couple of minutes: few examples, one epoch per step."""
+        self.train_limit = self.train_limit or 32
+        self.eval_limit = self.eval_limit or 24
+        self.localize.epochs = self.train.epochs = 1
+        return self
+
+
+def select_heads(settings: PipelineSettings, model, tokenizer, rows, output: Path, timings: dict):
+    """The K heads for step 2 and the selection they came from (None for random heads)."""
+    if settings.heads == "random":
+        per_layer = heads_per_layer(model)
+        k = settings.k or max(1, round(settings.fraction * sum(per_layer)))
+        return random_heads(per_layer, k, seed=settings.seed), None
+    if settings.heads == "learned":
+        start = time.perf_counter()
+        selection = localize(
+            model,
+            tokenizer,
+            rows,
+            get_task(settings.task).objective,
+            settings=settings.localize,
+            metadata={"task": settings.task, "model": settings.model or "SmolLM2-135M-Instruct"},
+        )
+        timings["localize_s"] = time.perf_counter() - start
+        selection.save(output / "head_selection.json")
+    else:
+        selection = HeadSelection.load(settings.heads)
+    heads = selection.top(k=settings.k) if settings.k else selection.top(fraction=settings.fraction)
+    if settings.heads == "learned":
+        selection.heatmap(output / "head_selection.png", title=f"{settings.task}: LoFiT head scores", k=len(heads))
+    return heads, selection
+
+
+def heads_per_layer(model) -> list[int]:
+    """Number of heads of each layer's output projection."""
+    projections = find_projections(model, LoFiTConfig())
+    return [projections[layer][1].num_heads for layer in sorted(projections)]
+
+
+def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict:
+    """Run LoFiT end to end and write ``adapter/``, ``head_selection.json`` (+ PNG) and ``metrics.json``."""
+    torch.manual_seed(settings.seed)
+    output = Path(settings.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    task = get_task(settings.task)
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(settings.model)
+    for step, name in ((settings.localize, "localize"), (settings.train, "train")):
+        step.output_dir = str(output / "checkpoints" / name)
+        step.seed = settings.seed
+    rows = task.training_rows("train", data_dir=settings.data_dir, fold=settings.fold, limit=settings.train_limit)
+    timings: dict[str, float] = {}
+    heads, _ = select_heads(settings, model, tokenizer, rows, output, timings)
+
+    evaluation = dict(split=settings.eval_split, data_dir=settings.data_dir, fold=settings.fold, limit=settings.eval_limit)
+    start = time.perf_counter()
+    base_metrics = task.evaluate(model, tokenizer, batch_size=settings.eval_batch_size, desc="base model", **evaluation)
+    timings["eval_base_s"] = time.perf_counter() - start
+
+    config = LoFiTConfig(heads=heads, use_offset=True, use_scaling=settings.train_both_vectors, init_weights=True)
+    start = time.perf_counter()
+    peft_model, _ = train_lofit(model, tokenizer, rows, task.objective, config, settings.train)
+    timings["train_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    lofit_metrics = task.evaluate(peft_model, tokenizer, batch_size=settings.eval_batch_size, desc="LoFiT model", **evaluation)
+    timings["eval_lofit_s"] = time.perf_counter() - start
+    peft_model.save_pretrained(output / "adapter")
+
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    results = {
+        "task": settings.task,
+        "model": settings.model or "SmolLM2-135M-Instruct",
+        "heads": heads,
+        "num_heads_selected": len(heads),
+        "trainable_parameters": trainable,
+        "base": base_metrics,
+        "lofit": lofit_metrics,
+        "timings_s": {key: round(value, 1) for key, value in timings.items()},
+        "settings": _jsonable(asdict(settings)),
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+    }
+    atomic_write_json(output / "metrics.json", results)
+    return results
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def results_table(results: dict) -> str:
+    """A small Markdown table of base vs LoFiT on the task's metrics."""
+    metrics = get_task(results["task"]).metrics
+    lines = [
+        "| model | " + " | ".join(metrics) + " | trained numbers |",
+        "|---|" + "---|" * (len(metrics) + 1),
+        "| base | " + " | ".join(f"{results['base'][m]:.3f}" for m in metrics) + " | 0 |",
+        f"| LoFiT (K = {results['num_heads_selected']}) | "
+        + " | ".join(f"{results['lofit'][m]:.3f}" for m in metrics)
+        + f" | {results['trainable_parameters']:,} |",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""The paper's tasks behind one interface: training rows for a trainer objective, and an evaluation.
+
+=========== ========= ============================================ =========================
+task        objective training rows                                metrics
+=========== ========= ============================================ =========================
+truthfulqa  dpo       prompt / chosen / rejected                   mc1, mc2, mc3
+mquake      sft       prompt / completion                          accuracy (exact match)
+clutrr      sft       prompt / completion                          accuracy (exact match)
+=========== ========= ============================================ =========================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from . import clutrr, mquake, truthfulqa
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    objective: str
+    metrics: tuple[str, ...]
+    _rows: Callable
+    _evaluate: Callable
+
+    def training_rows(self, split: str = "train", data_dir=None, fold: int = 0, limit: Optional[int] = None) -> list[dict]:
+        return self._rows(split, data_dir, fold)[:limit]
+
+    def evaluate(self, model, tokenizer, split="test", data_dir=None, fold=0, limit=None, batch_size=16, desc=None):
+        """Metrics of ``model`` on ``split`` (the first ``limit`` examples), as a dict with ``n``."""
+        return self._evaluate(model, tokenizer, split, data_dir, fold, limit, batch_size, desc or f"{self.name} {split}")
+
+
+def _truthfulqa_rows(split, data_dir, fold):
+    return truthfulqa.dpo_pairs(truthfulqa.load_truthfulqa(split, fold=fold, data_dir=data_dir))
+
+
+def _truthfulqa_evaluate(model, tokenizer, split, data_dir, fold, limit, batch_size, desc):
+    questions = truthfulqa.load_truthfulqa(split, fold=fold, data_dir=data_dir)[:limit]
+    return truthfulqa.evaluate_mc(model, tokenizer, questions, data_dir=data_dir, desc=desc)
+
+
+def _generation_task(module):
+    def rows(split, data_dir, fold):
+        return [{"prompt": e.prompt, "completion": e.completion} for e in module.load(split, data_dir=data_dir)]
+
+    def evaluate(model, tokenizer, split, data_dir, fold, limit, batch_size, desc):
+        examples = module.load(split, data_dir=data_dir)[:limit]
+        metrics, _ = module.evaluate(model, tokenizer, examples, batch_size=batch_size, desc=desc)
+        return metrics
+
+    return rows, evaluate
+
+
+TASKS = {
+    "truthfulqa": Task("truthfulqa", "dpo", ("mc1", "mc2", "mc3"), _truthfulqa_rows, _truthfulqa_evaluate),
+    "mquake": Task("mquake", "sft", ("accuracy",), *_generation_task(mquake)),
+    "clutrr": Task("clutrr", "sft", ("accuracy",), *_generation_task(clutrr)),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"Unknown task {name!r}; choose one of {', '.join(TASKS)}.")
+    return TASKS[name]
