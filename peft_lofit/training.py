@@ -38,6 +38,7 @@ class TrainSettings:
     resume_from_checkpoint: Optional[str] = None
     logging_steps: int = 5
     gradient_checkpointing: bool = False  # TRL turns it on by default; it only pays off when memory is short
+    precompute_ref_log_probs: bool = True  # DPO: the reference (adapter disabled) is fixed, so score it once
     extra: dict = field(default_factory=dict)  # any other TRL / Trainer argument
 
     def __post_init__(self):
@@ -132,7 +133,12 @@ def build_trainer(model, tokenizer, rows: list[dict], objective: str, lofit_conf
         raise ValueError("No training rows: check the data split and --limit.")
     dataset = Dataset.from_list(rows)
     if objective == "dpo":
-        args = DPOConfig(beta=settings.dpo_beta, **settings.trainer_arguments())
+        args = DPOConfig(
+            beta=settings.dpo_beta,
+            precompute_ref_log_probs=settings.precompute_ref_log_probs,
+            precompute_ref_batch_size=2 * settings.batch_size,
+            **settings.trainer_arguments(),
+        )
         trainer_class = LoFiTDPOTrainer
     else:
         args = SFTConfig(completion_only_loss=True, **settings.trainer_arguments())
