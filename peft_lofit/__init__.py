@@ -8,11 +8,11 @@ from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import register_peft_method
 
 from ._peft_type import ensure_lofit_peft_type
+from ._version import __version__
 from .config import LoFiTConfig
 from .layer import LoFiTLayer
 from .model import LoFiTModel
 
-__version__ = "0.1.0"
 __all__ = ["LoFiTConfig", "LoFiTLayer", "LoFiTModel", "__version__"]
 
 if ensure_lofit_peft_type() not in PEFT_TYPE_TO_TUNER_MAPPING:

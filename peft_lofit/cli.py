@@ -182,6 +182,7 @@ def command_localize(args) -> None:
 
 
 def command_train(args) -> None:
+    from .checkpoint import save_adapter
     from .config import LoFiTConfig
     from .default_model import load_model_and_tokenizer
     from .pipeline import select_heads
@@ -198,20 +199,21 @@ def command_train(args) -> None:
     heads, _ = select_heads(settings, model, tokenizer, rows, Path(settings.output_dir), {})
     config = LoFiTConfig(heads=heads, use_scaling=args.both_vectors)
     peft_model, _ = train_lofit(model, tokenizer, rows, task.objective, config, settings.train)
-    peft_model.save_pretrained(args.output)
+    save_adapter(peft_model, args.output)
     print(f"Adapter on {len(heads)} heads written to {args.output}")
 
 
 def command_eval(args) -> None:
+    from .checkpoint import load_adapter, validate_adapter_folder
     from .default_model import load_model_and_tokenizer
     from .io import atomic_write_json
     from .tasks import get_task
 
+    if args.adapter:
+        validate_adapter_folder(args.adapter)
     model, tokenizer = load_model_and_tokenizer(args.model)
     if args.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, args.adapter).eval()
+        model = load_adapter(model, args.adapter).eval()
     metrics = get_task(args.task).evaluate(
         model, tokenizer, split=args.split, data_dir=args.data_dir, fold=args.fold, limit=args.limit,
         batch_size=args.batch_size,

@@ -10,6 +10,8 @@ import torch
 from peft.config import PeftConfig
 
 from ._peft_type import ensure_lofit_peft_type
+from ._version import __version__
+from .compat import CONFIG_FORMAT, upgrade_config_dict
 
 INIT_CHOICES = (True, False, "normal")
 
@@ -147,10 +149,18 @@ class LoFiTConfig(PeftConfig):
         default=None,
         metadata={"help": "Other modules to train and save with the adapter (PEFT's usual meaning)."},
     )
+    lofit_version: Optional[str] = field(
+        default=None, metadata={"help": "peft_lofit version that wrote this config (filled in automatically)."}
+    )
+    lofit_format: int = field(
+        default=CONFIG_FORMAT, metadata={"help": "Version of this config's layout; newer layouts need a newer peft_lofit."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = ensure_lofit_peft_type()
+        if self.lofit_version is None:
+            self.lofit_version = __version__
         if self.heads is not None:
             self.heads = normalize_heads(self.heads)
         if not (self.use_scaling or self.use_offset):
@@ -168,6 +178,11 @@ class LoFiTConfig(PeftConfig):
                 raise ValueError(f"`{name}` must be a positive integer or None; got {value!r}.")
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = sorted(set(self.target_modules))
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        """Make a config dict written by another peft_lofit version loadable, or say why it is not (see compat)."""
+        return upgrade_config_dict(cls, super().check_kwargs(**kwargs), __version__)
 
     @property
     def trained_vectors(self) -> tuple[str, ...]:

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from .checkpoint import save_adapter
 from .config import LoFiTConfig
 from .default_model import load_model_and_tokenizer
 from .heads import HeadSelection, random_heads
@@ -126,7 +127,7 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
     start = time.perf_counter()
     lofit_metrics = task.evaluate(peft_model, tokenizer, batch_size=settings.eval_batch_size, desc="LoFiT model", **evaluation)
     timings["eval_lofit_s"] = time.perf_counter() - start
-    peft_model.save_pretrained(output / "adapter")
+    save_adapter(peft_model, output / "adapter")
 
     trainable, _ = peft_model.get_nb_trainable_parameters()
     results = {

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
 from datasets import Dataset
-from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from .config import LoFiTConfig
@@ -80,21 +80,28 @@ def scaling_l1(model: torch.nn.Module) -> torch.Tensor:
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-class L1PenaltyMixin:
-    """Adds ``l1_lambda * sum |A|`` to the trainer's loss; logs it as ``l1``."""
+class LoFiTLossMixin:
+    """Adds ``l1_lambda * sum |A|`` to the trainer's loss (logged as ``l1``), and stops on a NaN/inf loss.
+
+    The check runs on every step, before the backward pass, so a bad batch never reaches the optimizer: the adapter
+    in memory is still the last good one when the error is raised.
+    """
 
     l1_lambda: float = 0.0
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
-        if not self.l1_lambda:
-            return result
-        penalty = self.l1_lambda * scaling_l1(model)
-        self._last_l1 = penalty.detach().item()
-        if return_outputs:
-            loss, outputs = result
-            return loss + penalty.to(loss.device), outputs
-        return result + penalty.to(result.device)
+        loss, outputs = result if return_outputs else (result, None)
+        if self.l1_lambda:
+            penalty = self.l1_lambda * scaling_l1(model)
+            self._last_l1 = penalty.detach().item()
+            loss = loss + penalty.to(loss.device)
+        if model.training and not torch.isfinite(loss.detach()).all():
+            raise FloatingPointError(
+                f"Training loss became {loss.detach().float().item()} at step {self.state.global_step + 1}; "
+                "stopping before the optimizer applies it. Lower the learning rate or check the data."
+            )
+        return (loss, outputs) if return_outputs else loss
 
     def log(self, logs, *args, **kwargs):
         if self.l1_lambda and "loss" in logs and hasattr(self, "_last_l1"):
@@ -102,24 +109,12 @@ class L1PenaltyMixin:
         super().log(logs, *args, **kwargs)
 
 
-class LoFiTDPOTrainer(L1PenaltyMixin, DPOTrainer):
-    """TRL's DPOTrainer with the LoFiT L1 penalty."""
+class LoFiTDPOTrainer(LoFiTLossMixin, DPOTrainer):
+    """TRL's DPOTrainer with the LoFiT L1 penalty and the NaN stop."""
 
 
-class LoFiTSFTTrainer(L1PenaltyMixin, SFTTrainer):
-    """TRL's SFTTrainer (prompt-completion data: loss on completion tokens only) with the LoFiT L1 penalty."""
-
-
-class NonFiniteLossCallback(TrainerCallback):
-    """Stop with a clear message, naming the step, when the logged loss becomes NaN or inf."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            raise FloatingPointError(
-                f"Training loss became {loss} at step {state.global_step}; stopping. Lower the learning rate or "
-                "check the data. The adapter from the last checkpoint (if any) is intact."
-            )
+class LoFiTSFTTrainer(LoFiTLossMixin, SFTTrainer):
+    """TRL's SFTTrainer (prompt-completion data: loss on completion tokens only) with the L1 penalty and NaN stop."""
 
 
 def build_trainer(model, tokenizer, rows: list[dict], objective: str, lofit_config: LoFiTConfig, settings: TrainSettings):
@@ -149,17 +144,26 @@ def build_trainer(model, tokenizer, rows: list[dict], objective: str, lofit_conf
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lofit_config,
-        callbacks=[NonFiniteLossCallback()],
     )
     trainer.l1_lambda = settings.l1_lambda
     return trainer
 
 
 def train_lofit(model, tokenizer, rows, objective, lofit_config: LoFiTConfig, settings: TrainSettings):
-    """Train a LoFiT adapter and return the PeftModel (the base model's projections are wrapped in place)."""
+    """Train a LoFiT adapter and return the PeftModel (the base model's projections are wrapped in place).
+
+    If the loss becomes NaN/inf, the last good adapter is saved to ``{output_dir}/last_good_adapter`` and the
+    FloatingPointError says where.
+    """
+    from .checkpoint import save_adapter
+
     torch.manual_seed(settings.seed)
     trainer = build_trainer(model, tokenizer, rows, objective, lofit_config, settings)
-    trainer.train(resume_from_checkpoint=settings.resume_from_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=settings.resume_from_checkpoint)
+    except FloatingPointError as error:
+        kept = save_adapter(trainer.model, Path(settings.output_dir) / "last_good_adapter")
+        raise FloatingPointError(f"{error} The last good adapter is saved in {kept}.") from None
     peft_model = trainer.model
     peft_model.eval()
     return peft_model, trainer

@@ -45,3 +45,18 @@ def test_bad_settings():
         TrainSettings(learning_rate=0)
     with pytest.raises(ValueError, match="l1_lambda must be >= 0"):
         TrainSettings(l1_lambda=-1)
+
+
+def test_no_backward_below_the_lowest_selected_layer(inputs):
+    """Step 2 with heads in layer 1 only: nothing in layer 0 takes part in the backward pass."""
+    from peft import get_peft_model
+
+    model = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=[[1, 2]]))
+    model.train()
+    reached = []
+    layers = model.base_model.model.model.layers
+    layers[0].register_full_backward_hook(lambda *args: reached.append(0))
+    layers[1].register_full_backward_hook(lambda *args: reached.append(1))
+    model(inputs, labels=inputs).loss.backward()
+    assert reached == [1]
+    assert next(p for n, p in model.named_parameters() if "lofit_offset" in n).grad is not None

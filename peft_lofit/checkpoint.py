@@ -1,0 +1,90 @@
+"""Saving and loading LoFiT adapters safely.
+
+- ``save_adapter`` writes the adapter into a temporary folder beside the target and moves each finished file into
+  place with an atomic rename: an interruption leaves the previous adapter files or the new ones, never a torn file.
+- ``validate_adapter_folder`` checks a folder before anything is loaded into a model: the config is a LoFiT config,
+  the weights are safetensors (pickled ``.bin`` files are refused: unpickling can run code), the file is complete,
+  and every tensor is floating point. Each problem is a ValueError that names the file and says what to do.
+- ``load_adapter`` validates, then loads with ``PeftModel.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from peft import PeftModel
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+
+
+def save_adapter(peft_model, folder, **save_kwargs) -> Path:
+    """``peft_model.save_pretrained(folder)``, file by file atomically (see the module docstring)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        peft_model.save_pretrained(staging, **save_kwargs)
+        folder.mkdir(exist_ok=True)
+        for source in sorted(staging.rglob("*")):
+            if source.is_file():
+                target = folder / source.relative_to(staging)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(source, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def validate_adapter_folder(folder) -> dict:
+    """Check a LoFiT adapter folder without loading it into a model; return its config dict."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise ValueError(f"{config_path} not found: a LoFiT adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE}.")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON ({error}); the file is truncated or corrupted.") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LOFIT":
+        found = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{config_path} describes a {found!r} adapter, not a LoFiT one (peft_type 'LOFIT').")
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        pickled = [name for name in PICKLE_FILES if (folder / name).is_file()]
+        if pickled:
+            raise ValueError(
+                f"{folder / pickled[0]} is a pickle file; peft_lofit loads safetensors only, because unpickling can run "
+                f"code. Convert it where you trust it: `safetensors.torch.save_file(torch.load(f, weights_only=True), "
+                f"'{WEIGHTS_FILE}')`."
+            )
+        raise ValueError(f"{weights_path} not found.")
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            for key in handle.keys():
+                tensor = handle.get_slice(key)
+                dtype = tensor.get_dtype()
+                if dtype not in ("F16", "BF16", "F32", "F64"):
+                    raise ValueError(
+                        f"{weights_path}: tensor {key} has dtype {dtype}; LoFiT vectors are floating point. The file "
+                        "was not written by a LoFiT adapter."
+                    )
+    except SafetensorError as error:
+        raise ValueError(
+            f"{weights_path} cannot be read as safetensors ({error}); the file is truncated or corrupted. "
+            "Save the adapter again."
+        ) from None
+    return config
+
+
+def load_adapter(model, folder, adapter_name: str = "default", **kwargs) -> PeftModel:
+    """Validate ``folder`` and load it onto ``model`` with ``PeftModel.from_pretrained``."""
+    validate_adapter_folder(folder)
+    return PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, **kwargs)

@@ -1,0 +1,62 @@
+"""Reading adapter configs written by other versions of peft_lofit.
+
+``upgrade_config_dict`` runs on the JSON of ``adapter_config.json`` before a LoFiTConfig is built from it:
+
+- a ``lofit_format`` newer than this package reads is refused, with the command to upgrade;
+- renamed fields are renamed, with a warning (``lofit_heads``, the LoFiT authors' name for the head list);
+- fields this version does not know are dropped, with a warning naming them and the version that wrote them;
+- fields that are missing take their defaults, with a warning, except ``heads`` (without it nobody can tell which
+  heads the saved vectors belong to, so that is an error).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+CONFIG_FORMAT = 1
+RENAMED_FIELDS = {"lofit_heads": "heads"}
+REQUIRED_FIELDS = ("heads",)
+# Fields PeftConfig fills in itself; their absence says nothing about LoFiT.
+_PEFT_BOOKKEEPING = {"peft_type", "task_type", "inference_mode", "base_model_name_or_path", "revision", "peft_version",
+                     "auto_mapping"}
+
+
+def upgrade_config_dict(config_class, values: dict, package_version: str) -> dict:
+    """Return ``values`` made loadable by ``config_class`` (see the module docstring for the rules)."""
+    values = dict(values)
+    written_by = values.get("lofit_version", "an unknown version")
+    file_format = values.get("lofit_format", 1)
+    if not isinstance(file_format, int) or file_format > CONFIG_FORMAT:
+        raise ValueError(
+            f"This adapter config has lofit_format={file_format!r} (written by peft_lofit {written_by}); peft_lofit "
+            f"{package_version} reads format {CONFIG_FORMAT} and older. Upgrade with `pip install -U peft_lofit`."
+        )
+    for old, new in RENAMED_FIELDS.items():
+        if old not in values:
+            continue
+        if new in values and values[new] != values[old]:
+            raise ValueError(
+                f"The adapter config has both `{old}` (old name) and `{new}` with different values; keep only `{new}`."
+            )
+        warnings.warn(f"Adapter config field `{old}` is now called `{new}`; reading it as `{new}`.")
+        values[new] = values.pop(old)
+    fields = {field.name for field in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        warnings.warn(
+            f"Ignoring adapter config fields {unknown}, unknown to peft_lofit {package_version} (the file was written "
+            f"by peft_lofit {written_by}). If the adapter behaves unexpectedly, upgrade: `pip install -U peft_lofit`."
+        )
+        for name in unknown:
+            del values[name]
+    missing_required = [name for name in REQUIRED_FIELDS if name not in values]
+    if missing_required:
+        raise ValueError(
+            f"The adapter config has no {missing_required[0]!r} field, so the saved vectors cannot be matched to heads. "
+            "Add the [layer, head] list the adapter was trained with (`heads`: [[3, 1], ...])."
+        )
+    missing = sorted(fields - set(values) - _PEFT_BOOKKEEPING - {"lofit_version", "lofit_format"})
+    if missing:
+        warnings.warn(f"Adapter config (peft_lofit {written_by}) lacks fields {missing}; using their defaults.")
+    return values

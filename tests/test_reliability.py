@@ -1,0 +1,313 @@
+"""Broken files, unsafe files, interruptions, numerical faults and version skew."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
+
+import peft_lofit.io as lofit_io
+from peft_lofit import LoFiTConfig, LoFiTLayer
+from peft_lofit.checkpoint import load_adapter, save_adapter, validate_adapter_folder
+from peft_lofit.config import normalize_heads
+from peft_lofit.heads import HeadSelection
+from peft_lofit.training import TrainSettings, train_lofit
+
+FIXTURES = Path(__file__).parent / "fixtures" / "configs"
+HEADS = [[0, 1], [1, 3]]
+
+
+@pytest.fixture
+def adapter_dir(tmp_path, inputs):
+    model = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=HEADS, init_weights=False))
+    save_adapter(model, tmp_path / "adapter")
+    with torch.no_grad():
+        expected = model(inputs).logits
+    return tmp_path / "adapter", expected
+
+
+# ------------------------------------------------------------------------------------------------ version skew
+def with_config(adapter_dir: Path, fixture: str) -> Path:
+    shutil.copy(FIXTURES / fixture, adapter_dir / "adapter_config.json")
+    return adapter_dir
+
+
+def test_current_config_loads_silently(adapter_dir, inputs):
+    folder, expected = adapter_dir
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model = PeftModel.from_pretrained(tiny_model("llama"), with_config(folder, "current.json"))
+    with torch.no_grad():
+        assert torch.equal(model(inputs).logits, expected)
+
+
+def test_older_config_with_missing_fields_loads_with_warning(adapter_dir, inputs):
+    folder, expected = adapter_dir
+    with pytest.warns(UserWarning, match=r"lacks fields \[.*'init_std'.*'use_scaling'.*\]; using their defaults"):
+        model = PeftModel.from_pretrained(tiny_model("llama"), with_config(folder, "older_missing_fields.json"))
+    with torch.no_grad():
+        assert torch.equal(model(inputs).logits, expected)
+
+
+def test_newer_config_with_extra_fields_loads_with_warning(adapter_dir, inputs):
+    folder, expected = adapter_dir
+    with pytest.warns(UserWarning, match=r"Ignoring adapter config fields \['head_groups', 'offset_dropout'\].*0\.4\.0"):
+        model = PeftModel.from_pretrained(tiny_model("llama"), with_config(folder, "newer_extra_fields.json"))
+    with torch.no_grad():
+        assert torch.equal(model(inputs).logits, expected)
+
+
+def test_old_field_name_is_renamed(adapter_dir, inputs):
+    folder, expected = adapter_dir
+    with pytest.warns(UserWarning, match="`lofit_heads` is now called `heads`"):
+        model = PeftModel.from_pretrained(tiny_model("llama"), with_config(folder, "authors_field_name.json"))
+    assert model.peft_config["default"].heads == HEADS
+    with torch.no_grad():
+        assert torch.equal(model(inputs).logits, expected)
+
+
+@pytest.mark.parametrize(
+    "fixture, message",
+    [
+        ("future_format.json", r"lofit_format=2 \(written by peft_lofit 1.0.0\).*pip install -U peft_lofit"),
+        ("no_heads.json", "has no 'heads' field"),
+    ],
+)
+def test_unclear_configs_fail_with_a_message(adapter_dir, fixture, message):
+    folder, _ = adapter_dir
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(tiny_model("llama"), with_config(folder, fixture))
+
+
+def test_config_with_conflicting_old_and_new_names(adapter_dir):
+    folder, _ = adapter_dir
+    config = json.loads((FIXTURES / "current.json").read_text())
+    config["lofit_heads"] = [[0, 0]]
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="both `lofit_heads` .* and `heads` with different values"):
+        PeftModel.from_pretrained(tiny_model("llama"), folder)
+
+
+# ------------------------------------------------------------------------------------------------ broken files
+def test_valid_folder_passes(adapter_dir):
+    assert validate_adapter_folder(adapter_dir[0])["heads"] == HEADS
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda f: (f / "adapter_model.safetensors").write_bytes((f / "adapter_model.safetensors").read_bytes()[:40]),
+         "cannot be read as safetensors .* truncated or corrupted"),
+        (lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x00" * 64), "cannot be read as safetensors"),
+        (lambda f: (f / "adapter_config.json").write_text('{"peft_type": "LOF'), "is not valid JSON"),
+        (lambda f: (f / "adapter_config.json").write_text('{"peft_type": "LORA"}'), "describes a 'LORA' adapter"),
+        (lambda f: (f / "adapter_config.json").unlink(), "adapter_config.json not found"),
+        (lambda f: (f / "adapter_model.safetensors").unlink(), "adapter_model.safetensors not found"),
+        (lambda f: save_file({k: v.to(torch.int32) for k, v in load_file(f / "adapter_model.safetensors").items()},
+                             f / "adapter_model.safetensors"), "has dtype I32; LoFiT vectors are floating point"),
+    ],
+)
+def test_broken_adapter_files_are_named(adapter_dir, damage, message):
+    folder, _ = adapter_dir
+    damage(folder)
+    with pytest.raises(ValueError, match=message):
+        load_adapter(tiny_model("llama"), folder)
+
+
+def test_truncated_file_through_plain_peft_still_errors(adapter_dir):
+    folder, _ = adapter_dir
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    with pytest.raises(Exception, match="(?i)deserializ|header|invalid|incomplete"):
+        PeftModel.from_pretrained(tiny_model("llama"), folder)
+
+
+def test_int_tensors_in_checkpoint_rejected_by_plain_peft(adapter_dir):
+    folder, _ = adapter_dir
+    weights = folder / "adapter_model.safetensors"
+    save_file({k: v.to(torch.int32) for k, v in load_file(weights).items()}, weights)
+    with pytest.raises(ValueError, match="has dtype torch.int32; LoFiT vectors are floating point"):
+        PeftModel.from_pretrained(tiny_model("llama"), folder)
+
+
+def test_adapter_for_another_architecture(adapter_dir):
+    folder, _ = adapter_dir
+    with pytest.raises(ValueError, match="matched no module of the model"):
+        PeftModel.from_pretrained(tiny_model("gpt2"), folder)
+
+
+class Payload:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pickled_adapters_are_refused_and_never_run(adapter_dir, tmp_path):
+    folder, _ = adapter_dir
+    marker = tmp_path / "code_ran"
+    (folder / "adapter_model.safetensors").unlink()
+    with open(folder / "adapter_model.bin", "wb") as handle:
+        pickle.dump({"weights": Payload(str(marker))}, handle)
+    with pytest.raises(ValueError, match=r"adapter_model.bin is a pickle file; peft_lofit loads safetensors only"):
+        load_adapter(tiny_model("llama"), folder)
+    with pytest.raises(pickle.UnpicklingError):  # plain PEFT path: torch.load(weights_only=True) refuses
+        PeftModel.from_pretrained(tiny_model("llama"), folder)
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------ atomic saving
+def test_interrupted_adapter_save_keeps_the_old_adapter(adapter_dir, monkeypatch, inputs):
+    folder, expected = adapter_dir
+    import peft.peft_model
+
+    def torn_write(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", torn_write)
+    other = get_peft_model(tiny_model("llama", seed=5), LoFiTConfig(heads=HEADS, init_weights=False))
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(other, folder)
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["adapter"]  # no staging leftovers
+    model = load_adapter(tiny_model("llama"), folder)
+    with torch.no_grad():
+        assert torch.equal(model(inputs).logits, expected)
+
+
+def test_interrupted_json_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "heads.json"
+    HeadSelection(scores=[[1.0, 2.0]]).save(path)
+    monkeypatch.setattr(lofit_io.os, "fsync", lambda fd: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        HeadSelection(scores=[[5.0, 6.0]]).save(path)
+    assert HeadSelection.load(path).scores == [[1.0, 2.0]]
+    assert [p.name for p in tmp_path.iterdir()] == ["heads.json"]
+
+
+# ------------------------------------------------------------------------------------------- interrupted training
+SFT_ROWS = [{"prompt": f"q{c}", "completion": f" {c}{c}"} for c in "abcdefgh"]
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def sft_settings(output, **kwargs):
+    return TrainSettings(epochs=3, batch_size=4, learning_rate=5e-2, output_dir=str(output), save_checkpoints=True,
+                         logging_steps=1, **kwargs)
+
+
+def offsets(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lofit_" in n}
+
+
+def test_resumed_training_equals_uninterrupted(tmp_path, monkeypatch):
+    from peft_lofit import training
+
+    config = LoFiTConfig(heads=HEADS, use_scaling=True)
+    full, _ = train_lofit(tiny_model("llama"), tiny_tokenizer(), SFT_ROWS, "sft", config, sft_settings(tmp_path / "full"))
+
+    original = training.build_trainer
+
+    def interrupted(*args, **kwargs):
+        trainer = original(*args, **kwargs)
+        trainer.add_callback(StopAt(3))  # after the epoch-1 checkpoint (step 2), inside epoch 2
+        return trainer
+
+    monkeypatch.setattr(training, "build_trainer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_lofit(tiny_model("llama"), tiny_tokenizer(), SFT_ROWS, "sft", config, sft_settings(tmp_path / "cut"))
+    monkeypatch.setattr(training, "build_trainer", original)
+    assert (tmp_path / "cut" / "checkpoint-2").is_dir()
+    resumed, _ = train_lofit(
+        tiny_model("llama"), tiny_tokenizer(), SFT_ROWS, "sft", config,
+        sft_settings(tmp_path / "cut", resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2")),
+    )
+    expected, got = offsets(full), offsets(resumed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- numerical faults
+def test_nan_loss_stops_with_step_and_keeps_last_good_adapter(tmp_path):
+    model = tiny_model("llama")
+    calls = {"n": 0}
+
+    def poison(module, args, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == 3 else output  # third forward = step 3
+
+    model.model.norm.register_forward_hook(poison)  # TRL computes the loss from lm_head.weight directly
+    config = LoFiTConfig(heads=HEADS)
+    settings = TrainSettings(epochs=2, batch_size=2, learning_rate=5e-2, output_dir=str(tmp_path), logging_steps=1)
+    with pytest.raises(FloatingPointError, match=r"loss became nan at step 3.*last good adapter is saved in .*last_good_adapter"):
+        train_lofit(model, tiny_tokenizer(), SFT_ROWS, "sft", config, settings)
+    kept = load_file(tmp_path / "last_good_adapter" / "adapter_model.safetensors")
+    assert kept and all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in kept.values())  # trained 2 steps
+
+
+# ------------------------------------------------------------------------------------------ property-based tests
+pairs = st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)), min_size=1, max_size=30)
+
+
+@given(pairs)
+def test_head_list_parsing_sorts_or_rejects_duplicates(raw):
+    if len(set(raw)) < len(raw):
+        with pytest.raises(ValueError, match="more than once"):
+            normalize_heads(raw)
+    else:
+        assert normalize_heads(raw) == sorted([list(pair) for pair in raw])
+        assert normalize_heads([list(p) for p in reversed(raw)]) == normalize_heads(raw)
+
+
+@given(st.lists(st.one_of(st.integers(-5, -1), st.floats(0.5, 3.5), st.text(max_size=2), st.none()), min_size=1, max_size=3))
+def test_head_list_parsing_rejects_non_indices(bad_values):
+    with pytest.raises(ValueError, match=r"heads\[0\]"):
+        normalize_heads([[bad_values[0], 0]])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    heads=st.lists(st.tuples(st.integers(0, 1), st.integers(0, 3)), min_size=1, max_size=8, unique=True),
+    seed=st.integers(0, 1000),
+    scale=st.floats(0.01, 0.9),
+    arch=st.sampled_from(["llama", "gpt2", "opt"]),
+)
+def test_merge_unmerge_is_an_exact_round_trip(heads, seed, scale, arch):
+    model = get_peft_model(tiny_model(arch), LoFiTConfig(heads=heads, use_scaling=True))
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, LoFiTLayer):
+            with torch.no_grad():
+                a = module.lofit_scaling["default"]
+                a.copy_((torch.rand(a.shape, generator=generator) * 2 - 1) * scale)  # |A| < 1: invertible
+                module.lofit_offset["default"].copy_(torch.randn(a.shape, generator=generator))
+    before = {k: v.clone() for k, v in model.base_model.model.state_dict().items() if "lofit_" not in k}
+    model.merge_adapter()
+    model.unmerge_adapter()
+    after = {k: v for k, v in model.base_model.model.state_dict().items() if "lofit_" not in k}
+    assert after.keys() == before.keys()
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], atol=1e-5, rtol=1e-5)
