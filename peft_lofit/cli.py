@@ -4,6 +4,7 @@
     lofit localize   step 1 only: score every head, write a head-selection JSON and heatmap
     lofit train      step 2 only: train offsets on heads from a selection (or random heads)
     lofit eval       evaluate a model, with or without an adapter
+    lofit push       upload an adapter folder to the Hugging Face Hub with a model card
 
 Errors are reported as one line (``lofit: error: ...``) with exit status 2.
 """
@@ -80,7 +81,7 @@ def _run_options(parser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lofit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,localize,train,eval}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,localize,train,eval,push}")
 
     run = commands.add_parser("run", help="the whole pipeline", description="Localize, train, evaluate and save.")
     _common(run)
@@ -116,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=_positive_int, default=None, help="only the first N examples")
     evaluate.add_argument("--batch-size", type=_positive_int, default=16, help="generation batch size (default: 16)")
     evaluate.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+    push = commands.add_parser("push", help="upload an adapter to the Hub", description="Upload an adapter folder.")
+    push.add_argument("folder", help="adapter folder (e.g. lofit_runs/run/adapter)")
+    push.add_argument("--repo-id", required=True, help="Hub repository, e.g. your-name/smollm2-lofit-truthfulqa")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--token", default=None, help="Hub token (default: the one from `hf auth login`)")
     return parser
 
 
@@ -223,13 +229,26 @@ def command_eval(args) -> None:
         atomic_write_json(Path(args.output), metrics)
 
 
-COMMANDS = {"run": command_run, "localize": command_localize, "train": command_train, "eval": command_eval}
+def command_push(args) -> None:
+    from .publish import push_adapter
+
+    commit = push_adapter(args.folder, args.repo_id, private=args.private, token=args.token)
+    print(f"Uploaded {args.folder} to {getattr(commit, 'commit_url', args.repo_id)}")
+
+
+COMMANDS = {
+    "run": command_run,
+    "localize": command_localize,
+    "train": command_train,
+    "eval": command_eval,
+    "push": command_push,
+}
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads:
+    if getattr(args, "threads", None):
         import torch
 
         torch.set_num_threads(args.threads)

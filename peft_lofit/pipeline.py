@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from .heads import HeadSelection, random_heads
 from .io import atomic_write_json
 from .localize import localize
 from .model import find_projections
+from .publish import write_model_card
 from .tasks import get_task
 from .training import TrainSettings, train_lofit
 
@@ -143,7 +145,17 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
     }
     atomic_write_json(output / "metrics.json", results)
+    publishable(output, results)
     return results
+
+
+def publishable(output: Path, results: dict) -> None:
+    """Make ``output/adapter`` a complete Hub repository: heads, metrics and a model card beside the weights."""
+    adapter = output / "adapter"
+    for name in ("head_selection.json", "head_selection.png", "metrics.json"):
+        if (output / name).is_file():
+            shutil.copyfile(output / name, adapter / name)
+    write_model_card(adapter, results)
 
 
 def _jsonable(value):

@@ -1,0 +1,102 @@
+"""Publishing LoFiT adapters to the Hugging Face Hub with a model card that says what the adapter is.
+
+``write_model_card`` writes ``README.md`` (YAML metadata for the Hub, how to load the adapter, its heads, training
+data and metrics) into an adapter folder; ``push_adapter`` creates the repository and uploads the folder with
+``huggingface_hub``. The folder that ``lofit run`` writes already holds the head selection (JSON and heatmap).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from .checkpoint import validate_adapter_folder
+from .io import atomic_write_text
+
+CARD_FILE = "README.md"
+
+
+def _front_matter(base_model: Optional[str], task: Optional[str]) -> str:
+    lines = ["---", "library_name: peft"]
+    if base_model:
+        lines.append(f"base_model: {base_model}")
+    lines += ["tags:", "- peft", "- lofit", "- peft_lofit"]
+    if task:
+        lines.append(f"- {task}")
+    lines.append("---")
+    return "\n".join(lines)
+
+
+def model_card(config: dict, metrics: Optional[dict] = None, repo_id: Optional[str] = None) -> str:
+    """The Markdown model card for an adapter with config dict ``config`` (and pipeline ``metrics``, if known)."""
+    metrics = metrics or {}
+    base_model = config.get("base_model_name_or_path") or metrics.get("model")
+    task = metrics.get("task")
+    heads = config.get("heads")
+    vectors = [name for name, on in (("scaling A", config.get("use_scaling")), ("offset v", config.get("use_offset"))) if on]
+    load_id = repo_id or "path/to/this/adapter"
+    parts = [
+        _front_matter(base_model, task),
+        f"# LoFiT adapter{f' for {base_model}' if base_model else ''}",
+        "A [LoFiT](https://arxiv.org/abs/2406.01563) adapter (Localized Fine-tuning on LLM Representations): it adds a "
+        "learned vector to the output of a few attention heads, `z_h <- (1 + A_h) * z_h + v_h`, and changes nothing "
+        "else in the model.",
+        "## How to load",
+        "```bash\npip install peft_lofit\n```",
+        "```python\nimport peft_lofit  # registers LoFiT with PEFT\nfrom peft import PeftModel\n"
+        "from transformers import AutoModelForCausalLM\n\n"
+        f"base = AutoModelForCausalLM.from_pretrained({base_model or '...'!r})\n"
+        f"model = PeftModel.from_pretrained(base, {load_id!r})\n"
+        "merged = model.merge_and_unload()  # optional: a plain transformers model, offsets in o_proj's bias\n```",
+        "## Adapter",
+        f"- vectors: {', '.join(vectors) or 'none'}",
+        f"- heads ({'all' if heads is None else len(heads)}): "
+        + ("every head of every targeted layer" if heads is None else ", ".join(f"[{l}, {h}]" for l, h in heads)),
+        f"- target modules: {config.get('target_modules')}",
+    ]
+    if task:
+        settings = metrics.get("settings", {})
+        parts += [
+            "## Training",
+            f"- task: {task} (objective as in the LoFiT paper), training rows: "
+            f"{settings.get('train_limit') or 'all'}, fold {settings.get('fold', 0)}",
+            f"- heads localized on the same data: top {metrics.get('num_heads_selected')} by ||A|| "
+            f"(`head_selection.json`, heatmap `head_selection.png`)",
+            f"- trained numbers: {metrics.get('trainable_parameters')}",
+        ]
+    if metrics.get("base") and metrics.get("lofit"):
+        names = [key for key in metrics["lofit"] if key != "n"]
+        parts += [
+            "## Results",
+            f"{metrics.get('settings', {}).get('eval_split', 'test')} split, {metrics['lofit'].get('n')} examples:",
+            "| model | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
+            + "| base | " + " | ".join(f"{metrics['base'][n]:.3f}" for n in names) + " |\n"
+            + "| LoFiT | " + " | ".join(f"{metrics['lofit'][n]:.3f}" for n in names) + " |",
+        ]
+    parts.append("Made with [peft_lofit](https://pypi.org/project/peft_lofit/).")
+    return "\n\n".join(parts) + "\n"
+
+
+def write_model_card(folder, metrics: Optional[dict] = None, repo_id: Optional[str] = None) -> Path:
+    """Write ``README.md`` for the adapter in ``folder`` (replacing PEFT's generic card)."""
+    folder = Path(folder)
+    config = validate_adapter_folder(folder)
+    return atomic_write_text(folder / CARD_FILE, model_card(config, metrics, repo_id))
+
+
+def push_adapter(folder, repo_id: str, private: bool = False, token: Optional[str] = None, metrics_file=None):
+    """Create ``repo_id`` on the Hub (if needed) and upload the adapter folder with a fresh model card."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    folder = Path(folder)
+    metrics = None
+    metrics_path = Path(metrics_file) if metrics_file else folder / "metrics.json"
+    if metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    write_model_card(folder, metrics, repo_id)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    operations = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files]
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.create_commit(repo_id, operations=operations, commit_message="Upload LoFiT adapter")
