@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from peft import PeftModel
 
 CONFIG_FILE = "adapter_config.json"
@@ -88,3 +89,35 @@ def load_adapter(model, folder, adapter_name: str = "default", **kwargs) -> Peft
     """Validate ``folder`` and load it onto ``model`` with ``PeftModel.from_pretrained``."""
     validate_adapter_folder(folder)
     return PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, **kwargs)
+
+
+def hotswap_adapter(peft_model, folder, adapter_name: str = "default") -> None:
+    """Load the vectors saved in ``folder`` into the existing adapter ``adapter_name``, in place.
+
+    The parameters keep their identity, shape and device, so a compiled model does not recompile. The saved adapter
+    must have the same heads and vectors as the loaded one; otherwise load it as a new adapter (``load_adapter``).
+    """
+    from safetensors.torch import load_file
+
+    config = validate_adapter_folder(folder)
+    current = peft_model.peft_config[adapter_name]
+    for name in ("heads", "use_scaling", "use_offset", "target_modules"):
+        saved = config.get(name, getattr(current, name))
+        if name == "target_modules" and isinstance(saved, list):
+            saved = sorted(saved)
+        if saved != getattr(current, name):
+            raise ValueError(
+                f"Cannot hot-swap: the saved adapter has {name}={saved!r}, the loaded one {getattr(current, name)!r}. "
+                "Hot-swapping needs identical heads and vectors; load it with load_adapter(..., adapter_name=...)."
+            )
+    tensors = load_file(Path(folder) / WEIGHTS_FILE)
+    parameters = dict(peft_model.named_parameters())
+    targets = {}
+    for key, value in tensors.items():
+        target = f"{key}.{adapter_name}"
+        if target not in parameters or parameters[target].shape != value.shape:
+            raise ValueError(f"Cannot hot-swap {key}: no parameter of that name and shape {tuple(value.shape)}.")
+        targets[target] = value
+    with torch.no_grad():
+        for target, value in targets.items():
+            parameters[target].copy_(value)

@@ -4,6 +4,7 @@
     lofit localize   step 1 only: score every head, write a head-selection JSON and heatmap
     lofit train      step 2 only: train offsets on heads from a selection (or random heads)
     lofit eval       evaluate a model, with or without an adapter
+    lofit export     merge an adapter into the base model and save a plain transformers checkpoint
     lofit push       upload an adapter folder to the Hugging Face Hub with a model card
 
 Errors are reported as one line (``lofit: error: ...``) with exit status 2.
@@ -81,7 +82,7 @@ def _run_options(parser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lofit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,localize,train,eval,push}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,localize,train,eval,export,push}")
 
     run = commands.add_parser("run", help="the whole pipeline", description="Localize, train, evaluate and save.")
     _common(run)
@@ -117,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=_positive_int, default=None, help="only the first N examples")
     evaluate.add_argument("--batch-size", type=_positive_int, default=16, help="generation batch size (default: 16)")
     evaluate.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+    export = commands.add_parser(
+        "export", help="write a merged plain transformers checkpoint", description="Merge an adapter and save the model."
+    )
+    export.add_argument("--model", default=None, help=DEFAULT_MODEL_HELP)
+    export.add_argument("--adapter", required=True, help="LoFiT adapter folder")
+    export.add_argument("--merged", required=True, help="output folder for the merged checkpoint")
+
     push = commands.add_parser("push", help="upload an adapter to the Hub", description="Upload an adapter folder.")
     push.add_argument("folder", help="adapter folder (e.g. lofit_runs/run/adapter)")
     push.add_argument("--repo-id", required=True, help="Hub repository, e.g. your-name/smollm2-lofit-truthfulqa")
@@ -229,6 +237,18 @@ def command_eval(args) -> None:
         atomic_write_json(Path(args.output), metrics)
 
 
+def command_export(args) -> None:
+    from .checkpoint import load_adapter, validate_adapter_folder
+    from .default_model import load_model_and_tokenizer
+
+    validate_adapter_folder(args.adapter)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    merged = load_adapter(model, args.adapter).merge_and_unload(safe_merge=True)
+    merged.save_pretrained(args.merged)
+    tokenizer.save_pretrained(args.merged)
+    print(f"Merged checkpoint written to {args.merged}; load it with AutoModelForCausalLM.from_pretrained (no plugin).")
+
+
 def command_push(args) -> None:
     from .publish import push_adapter
 
@@ -241,6 +261,7 @@ COMMANDS = {
     "localize": command_localize,
     "train": command_train,
     "eval": command_eval,
+    "export": command_export,
     "push": command_push,
 }
 

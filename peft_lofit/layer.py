@@ -28,6 +28,19 @@ from .config import LoFiTConfig
 BASE_ADAPTER_NAME = "__base__"  # PEFT's name for "no adapter" rows in a mixed batch
 
 
+def has_plain_weight(module: nn.Module) -> bool:
+    """False for quantized weights (torchao / bitsandbytes tensor subclasses), which merging cannot write into."""
+    return type(module.weight.data) is torch.Tensor
+
+
+def quantized_merge_message(weight_type: str) -> str:
+    return (
+        f"Cannot merge a LoFiT adapter into a quantized projection ({weight_type} weights). LoFiT works unmerged on "
+        "quantized models; to merge, load the base model in full precision, then "
+        "PeftModel.from_pretrained(base, adapter).merge_and_unload(), and quantize the merged model afterwards."
+    )
+
+
 class LoFiTLayer(nn.Module, BaseTunerLayer):
     """Wraps an ``nn.Linear`` or GPT-2 ``Conv1D`` output projection with one or more LoFiT adapters.
 
@@ -185,6 +198,8 @@ class LoFiTLayer(nn.Module, BaseTunerLayer):
         """
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
+        if adapter_names and not has_plain_weight(base):
+            raise ValueError(quantized_merge_message(type(base.weight.data).__name__))
         for name in reversed(adapter_names):
             if name not in self.lofit_head_index:
                 continue

@@ -20,7 +20,7 @@ from .architectures import (
     projection_in_features,
 )
 from .config import LoFiTConfig
-from .layer import BASE_ADAPTER_NAME, LoFiTLayer
+from .layer import BASE_ADAPTER_NAME, LoFiTLayer, has_plain_weight, quantized_merge_message
 from .merging import check_can_carry_biases, make_config_carry_biases
 
 
@@ -193,6 +193,16 @@ class LoFiTModel(BaseTuner):
                 handle.remove()
 
     # ------------------------------------------------------------------------------------------------- merging
+    def _check_mergeable(self) -> None:
+        """Refuse, before any layer changes, to merge into quantized projections."""
+        for module in self.model.modules():
+            if isinstance(module, LoFiTLayer) and not has_plain_weight(module.get_base_layer()):
+                raise ValueError(quantized_merge_message(type(module.get_base_layer().weight.data).__name__))
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self._check_mergeable()
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
     def _layers_needing_bias(self, adapter_names: Optional[list[str]]) -> list[str]:
         names = adapter_names if adapter_names is not None else self.active_adapters
         return [
@@ -209,6 +219,7 @@ class LoFiTModel(BaseTuner):
         """PEFT's unload, with two LoFiT checks around a merge: before it, that the offsets can be carried as biases
         by a saved checkpoint; after it, that the config loads those biases (see ``merging``)."""
         if merge:
+            self._check_mergeable()
             check_can_carry_biases(self.model, self._layers_needing_bias(adapter_names))
         model = super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names

@@ -8,6 +8,7 @@ the same model with the adapter disabled, which is what TRL does when it is give
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -130,7 +131,9 @@ def build_trainer(model, tokenizer, rows: list[dict], objective: str, lofit_conf
     if objective == "dpo":
         args = DPOConfig(
             beta=settings.dpo_beta,
-            precompute_ref_log_probs=settings.precompute_ref_log_probs,
+            # TRL's precomputation shares an in-memory dataset cache that other processes cannot open: under DDP
+            # the reference is recomputed each step instead (same result, tested).
+            precompute_ref_log_probs=settings.precompute_ref_log_probs and int(os.environ.get("WORLD_SIZE", "1")) == 1,
             precompute_ref_batch_size=2 * settings.batch_size,
             **settings.trainer_arguments(),
         )
