@@ -13,7 +13,7 @@ from peft_lofit import LoFiTConfig
 from peft_lofit.default_model import load_model_and_tokenizer
 from peft_lofit.localize import localize
 from peft_lofit.tasks import get_task
-from peft_lofit.training import TrainSettings, train_lofit
+from peft_lofit.training import TrainSettings, train_adapter
 
 
 def main():
@@ -42,7 +42,7 @@ def main():
 
     # Step 2: a fresh adapter with offsets v on those heads only (A fixed at 0).
     base_metrics = task.evaluate(model, tokenizer, limit=args.eval_limit, desc="base")
-    peft_model, _ = train_lofit(
+    peft_model, _ = train_adapter(
         model, tokenizer, rows, "dpo", LoFiTConfig(heads=heads),
         TrainSettings(learning_rate=1e-2, epochs=args.epochs, output_dir=f"{args.output}/train"),
     )

@@ -201,7 +201,7 @@ def command_train(args) -> None:
     from .default_model import load_model_and_tokenizer
     from .pipeline import select_heads
     from .tasks import get_task
-    from .training import train_lofit
+    from .training import train_adapter
 
     if args.heads == "learned":
         raise ValueError("lofit train needs --heads FILE.json (written by `lofit localize`) or --heads random.")
@@ -212,7 +212,7 @@ def command_train(args) -> None:
     settings.train.output_dir = str(Path(settings.output_dir) / "checkpoints")
     heads, _ = select_heads(settings, model, tokenizer, rows, Path(settings.output_dir), {})
     config = LoFiTConfig(heads=heads, use_scaling=args.both_vectors)
-    peft_model, _ = train_lofit(model, tokenizer, rows, task.objective, config, settings.train)
+    peft_model, _ = train_adapter(model, tokenizer, rows, task.objective, config, settings.train)
     save_adapter(peft_model, args.output)
     print(f"Adapter on {len(heads)} heads written to {args.output}")
 

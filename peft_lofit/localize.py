@@ -18,7 +18,7 @@ from .architectures import layer_index
 from .config import LoFiTConfig
 from .heads import HeadSelection
 from .layer import LoFiTLayer
-from .training import TrainSettings, train_lofit
+from .training import TrainSettings, train_adapter
 
 # The paper's localization hyperparameters for Llama-2-7B (TruthfulQA).
 DEFAULT_LOCALIZE_SETTINGS = dict(learning_rate=5e-3, l1_lambda=5e-4)
@@ -62,7 +62,7 @@ def localize(
     )
     was_training = model.training
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    peft_model, _ = train_lofit(model, tokenizer, rows, objective, config, settings)
+    peft_model, _ = train_adapter(model, tokenizer, rows, objective, config, settings)
     try:
         scores = head_scores(peft_model)
     finally:

@@ -24,7 +24,7 @@ from .localize import localize
 from .model import find_projections
 from .publish import write_model_card
 from .tasks import get_task
-from .training import TrainSettings, train_lofit
+from .training import TrainSettings, train_adapter
 
 HEAD_CHOICES = ("learned", "random")
 
@@ -123,7 +123,7 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
 
     config = LoFiTConfig(heads=heads, use_offset=True, use_scaling=settings.train_both_vectors, init_weights=True)
     start = time.perf_counter()
-    peft_model, _ = train_lofit(model, tokenizer, rows, task.objective, config, settings.train)
+    peft_model, _ = train_adapter(model, tokenizer, rows, task.objective, config, settings.train)
     timings["train_s"] = time.perf_counter() - start
 
     start = time.perf_counter()

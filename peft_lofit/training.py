@@ -17,7 +17,7 @@ import torch
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from .config import LoFiTConfig
+from peft import PeftConfig
 
 OBJECTIVES = ("dpo", "sft")
 
@@ -118,8 +118,8 @@ class LoFiTSFTTrainer(LoFiTLossMixin, SFTTrainer):
     """TRL's SFTTrainer (prompt-completion data: loss on completion tokens only) with the L1 penalty and NaN stop."""
 
 
-def build_trainer(model, tokenizer, rows: list[dict], objective: str, lofit_config: LoFiTConfig, settings: TrainSettings):
-    """A TRL trainer that wraps ``model`` with ``lofit_config`` and trains on ``rows``.
+def build_trainer(model, tokenizer, rows: list[dict], objective: str, peft_config: PeftConfig, settings: TrainSettings):
+    """A TRL trainer that wraps ``model`` with ``peft_config`` (LoFiT, or any PEFT method) and trains on ``rows``.
 
     ``rows`` are ``{prompt, chosen, rejected}`` for DPO and ``{prompt, completion}`` for SFT.
     """
@@ -146,14 +146,16 @@ def build_trainer(model, tokenizer, rows: list[dict], objective: str, lofit_conf
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=lofit_config,
+        peft_config=peft_config,
     )
     trainer.l1_lambda = settings.l1_lambda
     return trainer
 
 
-def train_lofit(model, tokenizer, rows, objective, lofit_config: LoFiTConfig, settings: TrainSettings):
-    """Train a LoFiT adapter and return the PeftModel (the base model's projections are wrapped in place).
+def train_adapter(model, tokenizer, rows, objective, peft_config: PeftConfig, settings: TrainSettings):
+    """Train an adapter (LoFiT, or any PEFT config) and return the PeftModel and the trainer.
+
+    ``model`` is wrapped in place (its target modules become tuner layers).
 
     If the loss becomes NaN/inf, the last good adapter is saved to ``{output_dir}/last_good_adapter`` and the
     FloatingPointError says where.
@@ -161,7 +163,7 @@ def train_lofit(model, tokenizer, rows, objective, lofit_config: LoFiTConfig, se
     from .checkpoint import save_adapter
 
     torch.manual_seed(settings.seed)
-    trainer = build_trainer(model, tokenizer, rows, objective, lofit_config, settings)
+    trainer = build_trainer(model, tokenizer, rows, objective, peft_config, settings)
     try:
         trainer.train(resume_from_checkpoint=settings.resume_from_checkpoint)
     except FloatingPointError as error:

@@ -13,7 +13,7 @@ from conftest import tiny_model, tiny_tokenizer  # noqa: E402
 
 from peft_lofit import LoFiTConfig  # noqa: E402
 from peft_lofit.checkpoint import save_adapter  # noqa: E402
-from peft_lofit.training import TrainSettings, train_lofit  # noqa: E402
+from peft_lofit.training import TrainSettings, train_adapter  # noqa: E402
 
 ROWS = {
     "sft": [{"prompt": f"q{c}{c}", "completion": f" {c}b"} for c in "abcdefgh"],
@@ -29,7 +29,7 @@ if __name__ == "__main__":
         epochs=2, batch_size=batch, learning_rate=5e-2, output_dir=str(output / "trainer"), logging_steps=1,
         extra={"use_cpu": True, "dataloader_num_workers": 0, **(FSDP if "--fsdp" in sys.argv else {})},
     )
-    model, trainer = train_lofit(tiny_model("llama"), tiny_tokenizer(), ROWS[objective], objective, config, settings)
+    model, trainer = train_adapter(tiny_model("llama"), tiny_tokenizer(), ROWS[objective], objective, config, settings)
     if trainer.is_world_process_zero():
         save_adapter(model, output / "adapter")
         how = {"world_size": trainer.args.world_size, "fsdp": bool(trainer.is_fsdp_enabled)}

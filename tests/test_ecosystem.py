@@ -19,7 +19,7 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from peft_lofit import LoFiTConfig, LoFiTLayer, cli
 from peft_lofit.checkpoint import hotswap_adapter, save_adapter
-from peft_lofit.training import TrainSettings, train_lofit
+from peft_lofit.training import TrainSettings, train_adapter
 
 WORKER = Path(__file__).parent / "ddp_worker.py"
 HEADS = [[0, 1], [1, 3]]
@@ -100,7 +100,7 @@ def test_gradient_checkpointing_gives_the_same_adapter(tmp_path, vectors):
     for checkpointing in (False, True):
         settings = TrainSettings(epochs=2, batch_size=2, learning_rate=5e-2, output_dir=str(tmp_path / str(checkpointing)),
                                  gradient_checkpointing=checkpointing, l1_lambda=1e-3 if vectors.get("use_scaling") else 0)
-        model, trainer = train_lofit(tiny_model("llama"), tiny_tokenizer(), rows, "sft",
+        model, trainer = train_adapter(tiny_model("llama"), tiny_tokenizer(), rows, "sft",
                                      LoFiTConfig(heads=HEADS, init_weights="normal", **vectors), settings)
         assert model.base_model.model.is_gradient_checkpointing == checkpointing
         results.append({n: p.detach().clone() for n, p in model.named_parameters() if "lofit_" in n})

@@ -23,7 +23,7 @@ from peft_lofit import LoFiTConfig, LoFiTLayer
 from peft_lofit.checkpoint import load_adapter, save_adapter, validate_adapter_folder
 from peft_lofit.config import normalize_heads
 from peft_lofit.heads import HeadSelection
-from peft_lofit.training import TrainSettings, train_lofit
+from peft_lofit.training import TrainSettings, train_adapter
 
 FIXTURES = Path(__file__).parent / "fixtures" / "configs"
 HEADS = [[0, 1], [1, 3]]
@@ -226,7 +226,7 @@ def test_resumed_training_equals_uninterrupted(tmp_path, monkeypatch):
     from peft_lofit import training
 
     config = LoFiTConfig(heads=HEADS, use_scaling=True)
-    full, _ = train_lofit(tiny_model("llama"), tiny_tokenizer(), SFT_ROWS, "sft", config, sft_settings(tmp_path / "full"))
+    full, _ = train_adapter(tiny_model("llama"), tiny_tokenizer(), SFT_ROWS, "sft", config, sft_settings(tmp_path / "full"))
 
     original = training.build_trainer
 
@@ -237,10 +237,10 @@ def test_resumed_training_equals_uninterrupted(tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "build_trainer", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train_lofit(tiny_model("llama"), tiny_tokenizer(), SFT_ROWS, "sft", config, sft_settings(tmp_path / "cut"))
+        train_adapter(tiny_model("llama"), tiny_tokenizer(), SFT_ROWS, "sft", config, sft_settings(tmp_path / "cut"))
     monkeypatch.setattr(training, "build_trainer", original)
     assert (tmp_path / "cut" / "checkpoint-2").is_dir()
-    resumed, _ = train_lofit(
+    resumed, _ = train_adapter(
         tiny_model("llama"), tiny_tokenizer(), SFT_ROWS, "sft", config,
         sft_settings(tmp_path / "cut", resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2")),
     )
@@ -263,7 +263,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_adapter(tmp_path):
     config = LoFiTConfig(heads=HEADS)
     settings = TrainSettings(epochs=2, batch_size=2, learning_rate=5e-2, output_dir=str(tmp_path), logging_steps=1)
     with pytest.raises(FloatingPointError, match=r"loss became nan at step 3.*last good adapter is saved in .*last_good_adapter"):
-        train_lofit(model, tiny_tokenizer(), SFT_ROWS, "sft", config, settings)
+        train_adapter(model, tiny_tokenizer(), SFT_ROWS, "sft", config, settings)
     kept = load_file(tmp_path / "last_good_adapter" / "adapter_model.safetensors")
     assert kept and all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in kept.values())  # trained 2 steps
 

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 
 from peft_lofit import LoFiTConfig, LoFiTLayer
-from peft_lofit.training import TrainSettings, train_lofit
+from peft_lofit.training import TrainSettings, train_adapter
 
 DPO_ROWS = [{"prompt": "q: ab a:", "chosen": " yes", "rejected": " no"}, {"prompt": "q: cd a:", "chosen": " b", "rejected": " c"}] * 4
 
@@ -16,7 +16,7 @@ def dpo_run(tmp_path, name, **overrides):
     settings = TrainSettings(epochs=2, batch_size=4, learning_rate=1e-2, output_dir=str(tmp_path / name), logging_steps=1)
     for key, value in overrides.items():
         setattr(settings, key, value)
-    model, trainer = train_lofit(
+    model, trainer = train_adapter(
         tiny_model("llama"), tiny_tokenizer(), DPO_ROWS, "dpo", LoFiTConfig(heads=[[0, 1], [1, 2]]), settings
     )
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
