@@ -1,7 +1,7 @@
 """Saving and loading LoFiT adapters safely.
 
-- ``save_adapter`` writes the adapter into a temporary folder beside the target and moves each finished file into
-  place with an atomic rename: an interruption leaves the previous adapter files or the new ones, never a torn file.
+- ``save_adapter`` writes the adapter into a staging folder beside the target and swaps the folders with renames:
+  an interruption leaves the previous adapter or the new one, never a torn file or a config from another save.
 - ``validate_adapter_folder`` checks a folder before anything is loaded into a model: the config is a LoFiT config,
   the weights are safetensors (pickled ``.bin`` files are refused: unpickling can run code), the file is complete,
   and every tensor is floating point. Each problem is a ValueError that names the file and says what to do.
@@ -25,18 +25,29 @@ PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 
 
 def save_adapter(peft_model, folder, **save_kwargs) -> Path:
-    """``peft_model.save_pretrained(folder)``, file by file atomically (see the module docstring)."""
+    """``peft_model.save_pretrained(folder)`` as one atomic replacement of the folder.
+
+    The adapter is written to a staging folder beside the target (other files already in the target are copied in),
+    then the old folder is renamed away, the staging folder renamed into place, and the old one deleted. Config and
+    weights therefore always come from the same save; an interruption leaves the previous folder complete (at worst
+    under the name ``.NAME.old-*`` beside it).
+    """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.new-", dir=folder.parent))
     try:
         peft_model.save_pretrained(staging, **save_kwargs)
-        folder.mkdir(exist_ok=True)
-        for source in sorted(staging.rglob("*")):
-            if source.is_file():
-                target = folder / source.relative_to(staging)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(source, target)
+        if folder.exists():
+            for item in folder.iterdir():  # keep what else lives there (model card, head selection, ...)
+                if not (staging / item.name).exists():
+                    copy = shutil.copytree if item.is_dir() else shutil.copy2
+                    copy(item, staging / item.name)
+            backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            os.replace(folder, backup / folder.name)
+            os.replace(staging, folder)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
@@ -100,6 +111,8 @@ def hotswap_adapter(peft_model, folder, adapter_name: str = "default") -> None:
     from safetensors.torch import load_file
 
     config = validate_adapter_folder(folder)
+    if any(adapter_name in getattr(m, "merged_adapters", []) for m in peft_model.modules()):
+        raise ValueError(f"Adapter {adapter_name!r} is merged; call unmerge_adapter() before hot-swapping it.")
     current = peft_model.peft_config[adapter_name]
     for name in ("heads", "use_scaling", "use_offset", "target_modules"):
         saved = config.get(name, getattr(current, name))

@@ -29,8 +29,14 @@ BASE_ADAPTER_NAME = "__base__"  # PEFT's name for "no adapter" rows in a mixed b
 
 
 def has_plain_weight(module: nn.Module) -> bool:
-    """False for quantized weights (torchao / bitsandbytes tensor subclasses), which merging cannot write into."""
-    return type(module.weight.data) is torch.Tensor
+    """False for quantized weights, which merging cannot write into: torchao tensor subclasses, bitsandbytes
+    ``Params4bit`` / ``Int8Params`` (``nn.Parameter`` subclasses) and integer storage."""
+    weight = module.weight
+    return (
+        type(weight) in (nn.Parameter, torch.Tensor)
+        and type(weight.data) is torch.Tensor
+        and weight.dtype.is_floating_point
+    )
 
 
 def quantized_merge_message(weight_type: str) -> str:
@@ -220,6 +226,12 @@ class LoFiTLayer(nn.Module, BaseTunerLayer):
                 else:
                     base.bias.data = new_bias.to(base.bias.dtype)
             self.merged_adapters.append(name)
+
+    def min_scale(self, adapter_names: list[str]) -> float:
+        """Smallest ``|1 + A|`` over the given adapters (1.0 when they have no scaling)."""
+        values = [(1 + self.lofit_scaling[name].detach()).abs().min().item() for name in adapter_names
+                  if name in self.lofit_scaling]
+        return min(values, default=1.0)
 
     def unmerge(self) -> None:
         """Undo ``merge`` (newest first): ``b <- b - W v``, ``W <- W diag(1 / (1 + A))``; drop a bias merge created."""

@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .architectures import (
@@ -27,6 +28,18 @@ from .merging import check_can_carry_biases, make_config_carry_biases
 def _adapter_names_pre_forward_hook(module, args, kwargs, adapter_names):
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0..2, 5'."""
+    parts, start = [], None
+    for index, number in enumerate(numbers):
+        if start is None:
+            start = number
+        if index + 1 == len(numbers) or numbers[index + 1] != number + 1:
+            parts.append(str(start) if start == number else f"{start}..{number}")
+            start = None
+    return ", ".join(parts)
 
 
 def find_projections(model: nn.Module, config: LoFiTConfig) -> dict[int, tuple[str, HeadGeometry]]:
@@ -74,9 +87,9 @@ def find_projections(model: nn.Module, config: LoFiTConfig) -> dict[int, tuple[s
     for layer, head in config.heads or []:
         if layer not in found:
             raise ValueError(
-                f"Head [{layer}, {head}] is in layer {layer}, but the model has attention output projections in "
-                f"layers {min(found)}..{max(found)} only ({len(found)} layers). Check the head list against this "
-                "model."
+                f"Head [{layer}, {head}] is in layer {layer}, which has no targeted attention output projection "
+                f"(targeted layers: {_ranges(sorted(found))}). Check the head list against this model, and "
+                "`target_modules` / `exclude_modules`."
             )
         num_heads = found[layer][1].num_heads
         if head >= num_heads:
@@ -158,6 +171,16 @@ class LoFiTModel(BaseTuner):
                 raise ValueError(f"Adapter tensor {key} has dtype {tensor.dtype}; LoFiT vectors are floating point.")
         return remapped
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        """PEFT's delete, then one active set for the whole model (layers hold different adapters, so PEFT's per-layer
+        fallback would pick different ones)."""
+        was_active = list(self.active_adapters)
+        super().delete_adapter(adapter_name)
+        remaining = [name for name in was_active if name != adapter_name and name in self.peft_config]
+        if not remaining and self.peft_config:
+            remaining = [sorted(self.peft_config)[0]]
+        self.set_adapter(remaining)
+
     # ------------------------------------------------------------------------------------------ mixed batches
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
@@ -184,7 +207,7 @@ class LoFiTModel(BaseTuner):
         handles = []
         try:
             for module in self.modules():
-                if isinstance(module, LoFiTLayer):
+                if isinstance(module, (LoFiTLayer, AuxiliaryTrainingWrapper)):  # modules_to_save copies too
                     hook = partial(_adapter_names_pre_forward_hook, adapter_names=list(adapter_names))
                     handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
             yield
@@ -200,7 +223,15 @@ class LoFiTModel(BaseTuner):
                 raise ValueError(quantized_merge_message(type(module.get_base_layer().weight.data).__name__))
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """Merge reversibly; refuses scalings with ``1 + A`` near 0, which unmerging would have to divide by."""
         self._check_mergeable()
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        for module_name, module in self.model.named_modules():
+            if isinstance(module, LoFiTLayer) and module.min_scale(names) < 1e-4:
+                raise ValueError(
+                    f"{module_name}: a scaling has 1 + A = {module.min_scale(names):.2g}, so merge_adapter() could not "
+                    "be undone (unmerging divides by 1 + A). Use merge_and_unload(), which does not need to undo it."
+                )
         super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def _layers_needing_bias(self, adapter_names: Optional[list[str]]) -> list[str]:
@@ -209,7 +240,7 @@ class LoFiTModel(BaseTuner):
             module_name
             for module_name, module in self.model.named_modules()
             if isinstance(module, LoFiTLayer)
-            and module.get_base_layer().bias is None
+            and (module.get_base_layer().bias is None or module._bias_created_by_merge)
             and any(name in module.lofit_offset for name in names)
         ]
 
@@ -259,6 +290,7 @@ class LoFiTModel(BaseTuner):
             inference_mode=True,
         )
         self.inject_adapter(self.model, adapter_name)
+        self._cast_adapter_dtype(adapter_name)  # same precision as the adapters it combines
         for module in self.model.modules():
             if isinstance(module, LoFiTLayer) and adapter_name in module.lofit_head_index:
                 self._fill_weighted_sum(module, adapters, weights, adapter_name)

@@ -65,11 +65,11 @@ def assert_untouched(model):
 @pytest.mark.parametrize(
     "config, message",
     [
-        (LoFiTConfig(heads=[[2, 0]]), r"Head \[2, 0\] is in layer 2, but the model has attention output projections in layers 0..1"),
+        (LoFiTConfig(heads=[[2, 0]]), r"Head \[2, 0\] is in layer 2, which has no targeted attention output projection \(targeted layers: 0..1\)"),
         (LoFiTConfig(heads=[[0, 0], [1, 4]]), r"Head \[1, 4\] does not exist: layer 1 has 4 heads \(0..3\)"),
         (
             LoFiTConfig(heads=[[1, 0]], exclude_modules=["model.layers.1.self_attn.o_proj"]),
-            r"Head \[1, 0\] is in layer 1, but the model has attention output projections in layers 0..0",
+            r"Head \[1, 0\] is in layer 1, which has no targeted .* \(targeted layers: 0\)",
         ),
         (LoFiTConfig(target_modules=["no_such_module"]), "matched no module of the model"),
         (LoFiTConfig(target_modules=r".*\.(o_proj|down_proj)"), "matched two modules in layer 0"),

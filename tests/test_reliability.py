@@ -311,3 +311,35 @@ def test_merge_unmerge_is_an_exact_round_trip(heads, seed, scale, arch):
     assert after.keys() == before.keys()
     for key in before:
         torch.testing.assert_close(after[key], before[key], atol=1e-5, rtol=1e-5)
+
+
+def test_hot_swap_refuses_a_merged_adapter(adapter_dir):
+    from peft_lofit.checkpoint import hotswap_adapter
+
+    folder, _ = adapter_dir
+    model = load_adapter(tiny_model("llama"), folder)
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="is merged; call unmerge_adapter"):
+        hotswap_adapter(model, folder)
+
+
+def test_saving_over_an_adapter_keeps_other_files_and_never_mixes_saves(adapter_dir, monkeypatch):
+    folder, _ = adapter_dir
+    (folder / "head_selection.json").write_text("{}")
+    other = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=[[0, 2]], init_weights=False))
+    real_replace, calls = os.replace, []
+
+    def interrupted_replace(source, target):
+        calls.append(target)
+        if len(calls) == 2:  # old folder moved away, new one not yet in place
+            raise KeyboardInterrupt
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(other, folder)
+    monkeypatch.setattr(os, "replace", real_replace)
+    backups = [p for p in folder.parent.iterdir() if p.name.startswith(".adapter.old-")]
+    assert len(backups) == 1 and validate_adapter_folder(backups[0] / "adapter")["heads"] == HEADS  # old one intact
+    save_adapter(other, folder)
+    assert validate_adapter_folder(folder)["heads"] == [[0, 2]] and (folder / "head_selection.json").read_text() == "{}"

@@ -395,3 +395,72 @@ def test_half_precision(dtype, autocast_adapter_dtype, inputs):
     model.merge_adapter()
     with torch.no_grad():
         torch.testing.assert_close(model(inputs).logits.float(), expected, atol=0.1, rtol=0.05)
+
+
+def test_deleting_the_active_adapter_leaves_one_consistent_active_set(inputs):
+    model = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=[[0, 1], [1, 1]], init_weights=False), adapter_name="a")
+    model.add_adapter("b", LoFiTConfig(heads=[[0, 2]], init_weights=False))
+    model.add_adapter("c", LoFiTConfig(heads=[[1, 3]], init_weights=False))
+    model.delete_adapter("a")
+    assert model.active_adapters == ["b"]
+    assert {tuple(m.active_adapters) for m in model.modules() if isinstance(m, LoFiTLayer)} == {("b",)}
+    with torch.no_grad():
+        out = model(inputs).logits
+        model.set_adapter("b")
+        assert torch.equal(model(inputs).logits, out)
+
+
+def test_mixed_batch_routes_modules_to_save(inputs):
+    model = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=HEADS, init_weights=False, modules_to_save=["lm_head"]))
+    model.add_adapter("b", LoFiTConfig(heads=HEADS, init_weights=False, modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["b"].weight.add_(0.5)  # the copies differ
+    model.eval()
+    with torch.no_grad():
+        mixed = model(inputs[:2], adapter_names=["default", "b"]).logits
+        model.set_adapter("b")
+        only_b = model(inputs[:2]).logits
+    torch.testing.assert_close(mixed[1], only_b[1], atol=1e-5, rtol=1e-5)
+
+
+def test_merge_adapter_refuses_non_invertible_scaling_but_merge_and_unload_works(inputs):
+    model = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=HEADS, use_scaling=True, init_weights=False))
+    layer = projection_of(model.base_model.model, 1)
+    with torch.no_grad():
+        layer.lofit_scaling["default"][0] = -1.0  # head silenced: 1 + A = 0
+        expected = model(inputs).logits
+    with pytest.raises(ValueError, match="1 \\+ A = 0.*could not be undone.*merge_and_unload"):
+        model.merge_adapter()
+    assert not layer.merged
+    merged = model.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(inputs).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_and_unload_after_merge_adapter_checks_bias_first():
+    model = get_peft_model(tiny_model("mistral"), LoFiTConfig(heads=HEADS, init_weights=False))
+    model.merge_adapter()  # in memory the offsets sit in a bias created for the purpose
+    with pytest.raises(ValueError, match="no bias.*Keep the adapter unmerged"):
+        model.merge_and_unload()
+    assert sum(isinstance(m, LoFiTLayer) for m in model.modules()) == 2
+
+
+def test_parameter_subclass_weights_count_as_quantized():
+    from peft_lofit.layer import has_plain_weight
+
+    class Params4bit(torch.nn.Parameter):  # what bitsandbytes stores
+        pass
+
+    linear = torch.nn.Linear(4, 4)
+    assert has_plain_weight(linear)
+    linear.weight = Params4bit(torch.zeros(4, 4))
+    assert not has_plain_weight(linear)
+    linear.weight = torch.nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
+    assert not has_plain_weight(linear)
+
+
+def test_weighted_adapter_keeps_adapter_precision():
+    model = get_peft_model(tiny_model("llama", dtype=torch.bfloat16), LoFiTConfig(heads=HEADS, init_weights=False))
+    model.add_adapter("b", LoFiTConfig(heads=HEADS, init_weights=False))
+    model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "mix")
+    assert {p.dtype for n, p in model.named_parameters() if ".mix" in n} == {torch.float32}

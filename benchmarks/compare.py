@@ -1,0 +1,362 @@
+"""LoFiT vs LoRA (and IA3, random heads, the base model) on the same task, data, seeds, trainer and evaluation.
+
+    python benchmarks/compare.py                                   # SmolLM2-135M-Instruct, TruthfulQA fold 0
+    python benchmarks/compare.py --methods lofit lora_r8 --seeds 1 2 3 --eval-limit 100
+    python benchmarks/compare.py --sweep-data 16 32 64 128 0 --sweep-k 0.01 0.03 0.1 0.2
+
+Writes ``results.json``, ``results.md`` and PNG plots to ``--output`` (default ``benchmarks/results``). Every row
+has: trainable parameters, adapter file size, training wall time (localization and training separately for
+LoFiT), time per optimizer step, peak memory during training, the task metrics, and inference latency (prefill and
+greedy decoding) unmerged and merged, relative to the base model measured in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import torch
+from peft import IA3Config, LoraConfig
+
+from peft_lofit import LoFiTConfig
+from peft_lofit.checkpoint import save_adapter
+from peft_lofit.default_model import load_model_and_tokenizer
+from peft_lofit.heads import random_heads
+from peft_lofit.io import atomic_write_json, atomic_write_text
+from peft_lofit.localize import localize
+from peft_lofit.pipeline import heads_per_layer
+from peft_lofit.tasks import get_task
+from peft_lofit.training import TrainSettings, train_adapter
+
+METHODS = ("base", "lofit", "lofit_random", "lora_r8", "lora_r1", "ia3")
+ROW_FIELDS = (
+    "method", "seed", "train_rows", "k", "trainable_parameters", "adapter_bytes", "localize_s", "train_s",
+    "step_s", "steps", "localize_peak_memory_mb", "peak_memory_mb", "metrics", "latency",
+)
+
+
+# ---------------------------------------------------------------------------------------------- measurement
+class PeakMemory:
+    """Peak memory while the block runs: CUDA allocator peak on GPU, else sampled process RSS above the start."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.peak_mb = interval, 0.0
+
+    def __enter__(self):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+            return self
+        import psutil
+
+        self._process = psutil.Process()
+        self._start = self._process.memory_info().rss
+        self._peak = self._start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._process.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            self.peak_mb = (torch.cuda.max_memory_allocated() - self._start) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = (self._peak - self._start) / 2**20
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def latency(model, vocab: int, prefill_shape=(8, 256), decode_tokens=64, repeats=3) -> dict[str, float]:
+    """Median seconds for a prefill forward of ``prefill_shape`` tokens and for greedy decoding ``decode_tokens``."""
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, vocab, prefill_shape, generator=generator).to(model.device)
+    short = prompt[:, :16]
+
+    def prefill():
+        with torch.no_grad():
+            model(prompt)
+
+    def decode():
+        with torch.no_grad():
+            model.generate(short, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False,
+                           pad_token_id=0)
+
+    return {"prefill_s": median_time(prefill, repeats), "decode_s": median_time(decode, repeats)}
+
+
+def adapter_bytes(peft_model) -> int:
+    with tempfile.TemporaryDirectory() as folder:
+        save_adapter(peft_model, folder)
+        return (Path(folder) / "adapter_model.safetensors").stat().st_size
+
+
+# --------------------------------------------------------------------------------------------------- methods
+def peft_config_for(method: str, heads=None):
+    """The PEFT config a method trains (LoFiT methods need their heads)."""
+    if method in ("lofit", "lofit_random"):
+        return LoFiTConfig(heads=heads)
+    if method.startswith("lora_r"):
+        rank = int(method.removeprefix("lora_r"))
+        return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    if method == "ia3":  # IA3 scaling the input of the output projection: LoFiT's A on every head, no offsets
+        return IA3Config(target_modules=["o_proj"], feedforward_modules=["o_proj"])
+    raise ValueError(f"Unknown method {method!r}; choose from {', '.join(METHODS)}.")
+
+
+def train_settings(args, seed: int, output: Path, learning_rate: float) -> TrainSettings:
+    return TrainSettings(
+        learning_rate=learning_rate, epochs=args.epochs, batch_size=args.batch_size, seed=seed,
+        output_dir=str(output / "checkpoints"), logging_steps=50,
+    )
+
+
+def run_method(args, method: str, seed: int, train_limit: Optional[int], fraction: float, cache: dict) -> dict:
+    """Train and measure one method; ``cache`` keeps localizations and base latency between calls."""
+    task = get_task(args.task)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    torch.manual_seed(seed)
+    rows = task.training_rows("train", data_dir=args.data_dir, fold=args.fold, limit=train_limit)
+    evaluate = dict(split="test", data_dir=args.data_dir, fold=args.fold, limit=args.eval_limit)
+    row = dict.fromkeys(ROW_FIELDS)
+    row.update(method=method, seed=seed, train_rows=len(rows))
+    vocab = model.config.vocab_size
+    if "base_latency" not in cache and not args.skip_latency:
+        cache["base_latency"] = latency(model, vocab)
+    if method == "base":
+        row.update(trainable_parameters=0, adapter_bytes=0, metrics=task.evaluate(model, tokenizer, **evaluate))
+        row["latency"] = _relative(cache.get("base_latency"), cache.get("base_latency"), cache.get("base_latency"))
+        return row
+
+    heads = None
+    if method.startswith("lofit"):
+        total = sum(heads_per_layer(model))
+        k = max(1, round(fraction * total))
+        if method == "lofit_random":
+            heads = random_heads(heads_per_layer(model), k, seed=seed)
+        else:
+            key = (seed, train_limit)
+            if key not in cache:
+                settings = train_settings(args, seed, Path(args.output) / "tmp", args.localize_lr)
+                settings.epochs, settings.l1_lambda = args.localize_epochs, args.l1
+                start = time.perf_counter()
+                with PeakMemory() as memory:
+                    selection = localize(model, tokenizer, rows, task.objective, settings)
+                cache[key] = (selection, time.perf_counter() - start, memory.peak_mb)
+            selection, row["localize_s"], row["localize_peak_memory_mb"] = cache[key]
+            heads = selection.top(k)
+        row["k"] = len(heads)
+
+    learning_rate = args.lofit_lr if method.startswith("lofit") else args.lora_lr if method.startswith("lora") else args.ia3_lr
+    settings = train_settings(args, seed, Path(args.output) / "tmp", learning_rate)
+    start = time.perf_counter()
+    with PeakMemory() as memory:
+        peft_model, trainer = train_adapter(model, tokenizer, rows, task.objective, peft_config_for(method, heads), settings)
+    row["train_s"] = time.perf_counter() - start
+    row["steps"] = trainer.state.global_step
+    row["step_s"] = row["train_s"] / max(1, row["steps"])
+    row["peak_memory_mb"] = memory.peak_mb
+    row["trainable_parameters"] = peft_model.get_nb_trainable_parameters()[0]
+    row["adapter_bytes"] = adapter_bytes(peft_model)
+    row["metrics"] = task.evaluate(peft_model, tokenizer, desc=f"{method} seed {seed}", **evaluate)
+    if not args.skip_latency:
+        unmerged = latency(peft_model, vocab)
+        peft_model.merge_adapter()
+        merged = latency(peft_model, vocab)
+        peft_model.unmerge_adapter()
+        row["latency"] = _relative(cache["base_latency"], unmerged, merged)
+    return row
+
+
+def _relative(base, unmerged, merged) -> Optional[dict]:
+    if base is None:
+        return None
+    return {
+        "base": base,
+        "unmerged": unmerged,
+        "merged": merged,
+        "unmerged_vs_base": {k: unmerged[k] / base[k] for k in base},
+        "merged_vs_base": {k: merged[k] / base[k] for k in base},
+    }
+
+
+# ----------------------------------------------------------------------------------------------------- report
+def summarize(rows: list[dict], metrics: tuple[str, ...]) -> list[dict]:
+    """Mean and spread (population std) over seeds for each (method, train_rows, k)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["train_rows"], row["k"]), []).append(row)
+    summary = []
+    for (method, train_rows, k), members in groups.items():
+        entry = {"method": method, "train_rows": train_rows, "k": k, "seeds": [m["seed"] for m in members],
+                 "trainable_parameters": members[0]["trainable_parameters"],
+                 "adapter_bytes": members[0]["adapter_bytes"]}
+        for name in metrics:
+            values = [m["metrics"][name] for m in members]
+            entry[name] = statistics.mean(values)
+            entry[f"{name}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
+        for name in ("localize_s", "train_s", "step_s", "peak_memory_mb"):
+            values = [m[name] for m in members if m[name] is not None]
+            entry[name] = statistics.mean(values) if values else None
+        latencies = [m["latency"] for m in members if m["latency"]]
+        if latencies:
+            for which in ("unmerged_vs_base", "merged_vs_base"):
+                for key in ("prefill_s", "decode_s"):
+                    entry[f"{which}_{key}"] = statistics.mean(l[which][key] for l in latencies)
+        summary.append(entry)
+    return summary
+
+
+def markdown_table(summary: list[dict], metrics: tuple[str, ...]) -> str:
+    def fmt(value, pattern="{:.3f}"):
+        return "–" if value is None else pattern.format(value)
+
+    header = ["method", "train rows", "K", "seeds", *metrics, "trained numbers", "adapter KB", "localize s", "train s",
+              "s / step", "peak MB", "prefill x base (unmerged / merged)", "decode x base (unmerged / merged)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for e in summary:
+        cells = [e["method"], str(e["train_rows"]), fmt(e["k"], "{}"), str(len(e["seeds"]))]
+        cells += [f"{e[m]:.3f} ± {e[m + '_std']:.3f}" for m in metrics]
+        cells += [f"{e['trainable_parameters']:,}", fmt(e["adapter_bytes"] / 1024, "{:.1f}"), fmt(e["localize_s"], "{:.0f}"),
+                  fmt(e["train_s"], "{:.0f}"), fmt(e["step_s"], "{:.2f}"), fmt(e["peak_memory_mb"], "{:.0f}")]
+        for key in ("prefill_s", "decode_s"):
+            unmerged, merged = e.get(f"unmerged_vs_base_{key}"), e.get(f"merged_vs_base_{key}")
+            cells.append(f"{fmt(unmerged)} / {fmt(merged)}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], metric: str, output: Path) -> list[str]:
+    """metric vs trained numbers (all runs), metric vs training rows and vs K where sweeps ran."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for e in summary:
+        if e["trainable_parameters"]:
+            axes.errorbar(e["trainable_parameters"], e[metric], yerr=e[f"{metric}_std"], fmt="o", capsize=3)
+            axes.annotate(f"{e['method']} ({e['train_rows']}, K={e['k']})", (e["trainable_parameters"], e[metric]),
+                          fontsize=7)
+        else:
+            axes.axhline(e[metric], color="grey", linestyle="--", label="base")
+    axes.set_xscale("log")
+    axes.set_xlabel("trained numbers (log)")
+    axes.set_ylabel(metric)
+    axes.set_title(f"{metric} against adapter size")
+    figure.tight_layout()
+    figure.savefig(output / f"{metric}_vs_parameters.png", dpi=100)
+    plt.close(figure)
+    written.append(f"{metric}_vs_parameters.png")
+    for field, name in (("train_rows", "data"), ("k", "k")):
+        for method in sorted({e["method"] for e in summary}):
+            points = sorted((e[field], e[metric]) for e in summary if e["method"] == method and e[field])
+            if len({x for x, _ in points}) < 2:
+                continue
+            figure, axes = plt.subplots(figsize=(5, 3.5))
+            axes.plot([x for x, _ in points], [y for _, y in points], marker="o")
+            axes.set_xlabel("training rows" if field == "train_rows" else "K (heads)")
+            axes.set_ylabel(metric)
+            axes.set_title(f"{method}: {metric} against {'training data' if name == 'data' else 'K'}")
+            figure.tight_layout()
+            figure.savefig(output / f"{method}_{metric}_vs_{name}.png", dpi=100)
+            plt.close(figure)
+            written.append(f"{method}_{metric}_vs_{name}.png")
+    return written
+
+
+# ------------------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="truthfulqa", choices=["truthfulqa", "mquake", "clutrr"])
+    parser.add_argument("--model", default=None, help="HF model id or folder (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42])
+    parser.add_argument("--fraction", type=float, default=0.03, help="K as a share of all heads (default 0.03)")
+    parser.add_argument("--train-limit", type=int, default=None, help="training rows (default: all)")
+    parser.add_argument("--eval-limit", type=int, default=None, help="test examples (default: all)")
+    parser.add_argument("--epochs", type=float, default=5)
+    parser.add_argument("--localize-epochs", type=float, default=5)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--l1", type=float, default=5e-4)
+    parser.add_argument("--localize-lr", type=float, default=5e-3)
+    parser.add_argument("--lofit-lr", type=float, default=1e-2)
+    parser.add_argument("--lora-lr", type=float, default=5e-4)
+    parser.add_argument("--ia3-lr", type=float, default=5e-3)
+    parser.add_argument("--sweep-data", nargs="*", type=int, default=[], help="training-set sizes (0 = all) for lofit and lora_r8")
+    parser.add_argument("--sweep-k", nargs="*", type=float, default=[], help="fractions of heads for lofit")
+    parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--output", default="benchmarks/results")
+    return parser
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    task = get_task(args.task)
+    runs = [(m, s, args.train_limit, args.fraction) for m in args.methods for s in args.seeds]
+    runs += [(m, args.seeds[0], size or None, args.fraction) for size in args.sweep_data for m in ("lofit", "lora_r8")]
+    runs += [("lofit", args.seeds[0], args.train_limit, f) for f in args.sweep_k]
+    runs = list(dict.fromkeys(runs))  # a sweep point equal to a headline run is run once
+    cache: dict = {}
+    rows = []
+    started = time.perf_counter()
+    for method, seed, limit, fraction in runs:
+        print(f"\n=== {method} seed={seed} train_rows={limit or 'all'} fraction={fraction} ===", flush=True)
+        rows.append(run_method(args, method, seed, limit, fraction, cache))
+        partial = {"rows": rows}
+        atomic_write_json(output / "results.partial.json", partial)
+    summary = summarize(rows, task.metrics)
+    results = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/compare.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "settings": {k: v for k, v in vars(args).items()},
+        "wall_s": time.perf_counter() - started,
+        "rows": rows,
+        "summary": summary,
+    }
+    atomic_write_json(output / "results.json", results)
+    table = markdown_table(summary, task.metrics)
+    plots = plot(summary, task.metrics[0], output) + (plot(summary, task.metrics[1], output) if len(task.metrics) > 1 else [])
+    atomic_write_text(output / "results.md", f"{results['date']} · {results['machine']}\n\n`{results['command']}`\n\n{table}\n")
+    (output / "results.partial.json").unlink(missing_ok=True)
+    print("\n" + table)
+    print(f"\nWritten: {output}/results.json, results.md, {', '.join(plots)}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

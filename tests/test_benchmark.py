@@ -1,0 +1,49 @@
+"""The LoFiT vs LoRA benchmark runs end to end on a tiny model, and its JSON has every field."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from conftest import tiny_model, tiny_tokenizer
+
+spec = importlib.util.spec_from_file_location("compare", Path(__file__).parents[1] / "benchmarks" / "compare.py")
+compare = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare)
+
+
+def test_benchmark_end_to_end_on_tiny_model(tmp_path):
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    output = tmp_path / "results"
+    compare.main([
+        "--model", str(model_dir), "--train-limit", "8", "--eval-limit", "2", "--epochs", "1", "--localize-epochs", "1",
+        "--batch-size", "4", "--fraction", "0.25", "--seeds", "1", "2", "--methods", *compare.METHODS,
+        "--sweep-data", "4", "--sweep-k", "0.5", "--output", str(output),
+    ])
+    results = json.loads((output / "results.json").read_text())
+    assert {"date", "command", "machine", "settings", "rows", "summary"} <= set(results)
+    methods = {row["method"] for row in results["rows"]}
+    assert methods == set(compare.METHODS)
+    for row in results["rows"]:
+        assert set(compare.ROW_FIELDS) <= set(row)
+        assert {"mc1", "mc2", "mc3", "n"} <= set(row["metrics"])
+        if row["method"] != "base":
+            assert row["trainable_parameters"] > 0 and row["adapter_bytes"] > 0 and row["train_s"] > 0
+            assert row["step_s"] > 0 and row["peak_memory_mb"] is not None
+            latency = row["latency"]
+            assert {"unmerged_vs_base", "merged_vs_base"} <= set(latency)
+            assert set(latency["unmerged_vs_base"]) == {"prefill_s", "decode_s"}
+    lofit = [r for r in results["rows"] if r["method"] == "lofit"]
+    assert all(r["localize_s"] > 0 for r in lofit)
+    assert {r["k"] for r in lofit} == {2, 4}  # K sweep: 25% and 50% of 8 heads
+    assert {r["train_rows"] for r in lofit} == {8, 4}  # data sweep
+    lora = next(r for r in results["rows"] if r["method"] == "lora_r8")
+    assert lora["trainable_parameters"] == 2 * (8 * 32 + 32 * 8) * 2 - 2 * (32 * 8 - 16 * 8)  # q (32->32) and v (32->16)
+    headline = next(s for s in results["summary"] if s["method"] == "lofit" and s["k"] == 2 and s["train_rows"] == 8)
+    assert headline["seeds"] == [1, 2] and "mc1_std" in headline
+    assert (output / "results.md").read_text().count("\n|") >= len(results["summary"])
+    assert (output / "mc1_vs_parameters.png").is_file() and (output / "lofit_mc1_vs_k.png").is_file()
+    assert (output / "lofit_mc1_vs_data.png").is_file()
