@@ -327,6 +327,8 @@ def test_saving_over_an_adapter_keeps_other_files_and_never_mixes_saves(adapter_
     folder, _ = adapter_dir
     (folder / "head_selection.json").write_text("{}")
     other = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=[[0, 2]], init_weights=False))
+    save_adapter(other, folder)
+    assert validate_adapter_folder(folder)["heads"] == [[0, 2]] and (folder / "head_selection.json").read_text() == "{}"
     real_replace, calls = os.replace, []
 
     def interrupted_replace(source, target):
@@ -336,10 +338,8 @@ def test_saving_over_an_adapter_keeps_other_files_and_never_mixes_saves(adapter_
         return real_replace(source, target)
 
     monkeypatch.setattr(os, "replace", interrupted_replace)
+    third = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=[[1, 1]], init_weights=False))
     with pytest.raises(KeyboardInterrupt):
-        save_adapter(other, folder)
-    monkeypatch.setattr(os, "replace", real_replace)
+        save_adapter(third, folder)
     backups = [p for p in folder.parent.iterdir() if p.name.startswith(".adapter.old-")]
-    assert len(backups) == 1 and validate_adapter_folder(backups[0] / "adapter")["heads"] == HEADS  # old one intact
-    save_adapter(other, folder)
-    assert validate_adapter_folder(folder)["heads"] == [[0, 2]] and (folder / "head_selection.json").read_text() == "{}"
+    assert len(backups) == 1 and validate_adapter_folder(backups[0] / "adapter")["heads"] == [[0, 2]]  # intact
