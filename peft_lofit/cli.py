@@ -71,13 +71,14 @@ def _selection_arguments(parser) -> None:
     group.add_argument("--fraction", type=_fraction, default=0.03, help="share of all heads to train (default: 0.03)")
 
 
-def _run_options(parser) -> None:
+def _run_options(parser, evaluates: bool = True) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="training batch size (default: 8)")
     parser.add_argument("--beta", type=_positive_float, default=0.5, help="DPO beta (default: 0.5)")
     parser.add_argument("--train-limit", type=_positive_int, default=None, help="use only the first N training rows")
-    parser.add_argument("--eval-limit", type=_positive_int, default=None, help="evaluate only the first N examples")
-    parser.add_argument("--eval-split", default="test", help="split to evaluate (default: test)")
     parser.add_argument("--both-vectors", action="store_true", help="step 2 trains A and v (default: v only)")
+    if evaluates:
+        parser.add_argument("--eval-limit", type=_positive_int, default=None, help="evaluate only the first N examples")
+        parser.add_argument("--eval-split", default="test", help="split to evaluate (default: test)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(train)
     _selection_arguments(train)
     _train_arguments(train, "", 1e-2, 5, "offset training")
-    _run_options(train)
+    _run_options(train, evaluates=False)
     train.add_argument("--heads", required=True, help="head-selection JSON from `lofit localize`, or 'random'")
     train.add_argument("--output", default="lofit_runs/adapter", help="adapter folder (default: lofit_runs/adapter)")
 
@@ -116,7 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapter", default=None, help="LoFiT adapter folder to apply")
     evaluate.add_argument("--split", default="test", help="split (default: test)")
     evaluate.add_argument("--limit", type=_positive_int, default=None, help="only the first N examples")
-    evaluate.add_argument("--batch-size", type=_positive_int, default=16, help="generation batch size (default: 16)")
+    evaluate.add_argument(
+        "--batch-size", type=_positive_int, default=16,
+        help="generation batch size for MQuAKE/CLUTRR (default: 16); TruthfulQA scores each question's answers as one batch",
+    )
     evaluate.add_argument("--output", default=None, help="also write the metrics to this JSON file")
     export = commands.add_parser(
         "export", help="write a merged plain transformers checkpoint", description="Merge an adapter and save the model."
@@ -143,8 +147,11 @@ def _settings(args):
         l1_lambda=getattr(args, "l1", 5e-4),
         batch_size=args.batch_size,
         dpo_beta=args.beta,
+        seed=args.seed,
     )
-    train = TrainSettings(learning_rate=args.lr, epochs=args.epochs, batch_size=args.batch_size, dpo_beta=args.beta)
+    train = TrainSettings(
+        learning_rate=args.lr, epochs=args.epochs, batch_size=args.batch_size, dpo_beta=args.beta, seed=args.seed
+    )
     return PipelineSettings(
         task=args.task,
         model=args.model,
@@ -275,7 +282,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as error:
+    except (ValueError, KeyError, RuntimeError, FileNotFoundError, FloatingPointError, OSError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"lofit: error: {message}", file=sys.stderr)
         return 2

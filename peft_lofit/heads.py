@@ -26,8 +26,11 @@ class HeadSelection:
             raise ValueError("HeadSelection needs a non-empty score for every layer and head.")
         for layer, row in enumerate(self.scores):
             for head, value in enumerate(row):
-                if not isinstance(value, (int, float)) or math.isnan(value):
-                    raise ValueError(f"HeadSelection score [{layer}][{head}] is {value!r}; scores must be numbers.")
+                if not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise ValueError(
+                        f"HeadSelection score [{layer}][{head}] is {value!r}; scores must be finite numbers (an "
+                        "infinite or NaN score means the localization diverged: lower its learning rate)."
+                    )
 
     @property
     def num_heads_total(self) -> int:

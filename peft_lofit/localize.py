@@ -9,6 +9,7 @@ and each head is scored by ``||A_lh||_2``. The model is handed back exactly as i
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -60,19 +61,49 @@ def localize(
         num_heads=num_heads,
         head_dim=head_dim,
     )
-    was_training = model.training
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    peft_model, _ = train_adapter(model, tokenizer, rows, objective, config, settings)
-    try:
+    with handed_back_unchanged(model):
+        peft_model, _ = train_adapter(model, tokenizer, rows, objective, config, settings)
         scores = head_scores(peft_model)
-    finally:
-        peft_model.unload()
-        for name, param in model.named_parameters():
-            param.requires_grad_(requires_grad.get(name, param.requires_grad))
-        model.train(was_training)
     info = {"objective": objective, "init_std": init_std, **settings.to_dict(), **(metadata or {})}
     info.pop("extra", None)
     return HeadSelection(scores=scores, metadata=info)
+
+
+@contextmanager
+def handed_back_unchanged(model):
+    """Undo everything training does to ``model``, also when it fails: LoFiT layers (unloaded), frozen parameters,
+    train/eval mode, and what TRL's trainers patch (the forward wrapper, ``config.use_cache``, dropout, tags)."""
+    instance_forward = vars(model).get("forward")
+    had_tags, tags = hasattr(model, "model_tags"), getattr(model, "model_tags", None)
+    use_cache = getattr(model.config, "use_cache", None)
+    was_training = model.training
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    dropout = {name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    try:
+        yield
+    finally:
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LoFiTLayer):
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name), child, module.get_base_layer())
+        if hasattr(model, "peft_config"):
+            del model.peft_config
+        if instance_forward is None:
+            vars(model).pop("forward", None)
+        else:
+            model.forward = instance_forward
+        if had_tags:
+            model.model_tags = tags
+        else:
+            vars(model).pop("model_tags", None)
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+        for name, module in model.named_modules():
+            if name in dropout:
+                module.p = dropout[name]
+        for name, param in model.named_parameters():
+            param.requires_grad_(requires_grad.get(name, param.requires_grad))
+        model.train(was_training)
 
 
 def head_scores(peft_model, adapter_name: str = "default") -> list[list[float]]:

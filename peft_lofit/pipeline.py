@@ -95,6 +95,21 @@ def select_heads(settings: PipelineSettings, model, tokenizer, rows, output: Pat
     return heads, selection
 
 
+def check_heads_fit(settings: PipelineSettings, per_layer: list[int]) -> None:
+    """Fail before any training if K or a head-selection file does not fit the model."""
+    total = sum(per_layer)
+    if settings.k is not None and settings.k > total:
+        raise ValueError(f"--k {settings.k} is more than the model's {total} heads.")
+    if settings.heads not in HEAD_CHOICES:
+        selection = HeadSelection.load(settings.heads)
+        shape = [len(row) for row in selection.scores]
+        if shape != per_layer:
+            raise ValueError(
+                f"{settings.heads} scores {len(shape)} layers x {shape[0]} heads, but the model has "
+                f"{len(per_layer)} layers x {per_layer[0]} heads: it was localized on another model."
+            )
+
+
 def heads_per_layer(model) -> list[int]:
     """Number of heads of each layer's output projection."""
     projections = find_projections(model, LoFiTConfig())
@@ -108,8 +123,10 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
     output.mkdir(parents=True, exist_ok=True)
     task = get_task(settings.task)
     rows = task.training_rows("train", data_dir=settings.data_dir, fold=settings.fold, limit=settings.train_limit)
+    task.training_rows(settings.eval_split, data_dir=settings.data_dir, fold=settings.fold, limit=1)  # readable?
     if model is None:
         model, tokenizer = load_model_and_tokenizer(settings.model)
+    check_heads_fit(settings, heads_per_layer(model))
     for step, name in ((settings.localize, "localize"), (settings.train, "train")):
         step.output_dir = str(output / "checkpoints" / name)
         step.seed = settings.seed

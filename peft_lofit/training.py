@@ -95,7 +95,9 @@ class LoFiTLossMixin:
         loss, outputs = result if return_outputs else (result, None)
         if self.l1_lambda:
             penalty = self.l1_lambda * scaling_l1(model)
-            self._last_l1 = penalty.detach().item()
+            self._last_l1 = penalty.detach()
+            if self._loss_not_divided_for_accumulation(kwargs.get("num_items_in_batch")):
+                penalty = penalty / self.current_gradient_accumulation_steps  # Trainer will not divide it
             loss = loss + penalty.to(loss.device)
         if model.training and not torch.isfinite(loss.detach()).all():
             raise FloatingPointError(
@@ -104,9 +106,16 @@ class LoFiTLossMixin:
             )
         return (loss, outputs) if return_outputs else loss
 
+    def _loss_not_divided_for_accumulation(self, num_items_in_batch) -> bool:
+        """Mirror of Trainer.training_step: a loss normalised by ``num_items_in_batch`` is not divided by the number
+        of accumulation steps afterwards, so a penalty added to it must be divided here."""
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
     def log(self, logs, *args, **kwargs):
         if self.l1_lambda and "loss" in logs and hasattr(self, "_last_l1"):
-            logs["l1"] = self._last_l1
+            logs["l1"] = self._last_l1.item()  # read only when logging: no host sync on every step
         super().log(logs, *args, **kwargs)
 
 

@@ -153,3 +153,19 @@ def test_head_selection_load_errors(tmp_path):
     (tmp_path / "other.json").write_text('{"heads": []}')
     with pytest.raises(ValueError, match="has no 'scores'"):
         HeadSelection.load(tmp_path / "other.json")
+
+
+def test_localize_hands_the_model_back_even_when_training_fails(tmp_path):
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama")
+    forward, use_cache = vars(model).get("forward"), model.config.use_cache
+    rows = [{"prompt": "abc", "completion": "de"}] * 4
+    calls = []
+    hook = model.model.norm.register_forward_hook(lambda m, a, out: out * float("nan") if calls.append(1) or len(calls) == 2 else out)
+    settings = TrainSettings(epochs=3, l1_lambda=1e-3, output_dir=str(tmp_path), batch_size=2)
+    with pytest.raises(FloatingPointError, match="at step 2"):
+        localize(model, tokenizer, rows, "sft", settings)
+    hook.remove()
+    assert not any(isinstance(m, LoFiTLayer) for m in model.modules()) and not hasattr(model, "peft_config")
+    assert vars(model).get("forward") is forward and model.config.use_cache == use_cache
+    assert all(p.requires_grad for p in model.parameters()) and not model.training

@@ -105,3 +105,25 @@ def test_real_default_model_scores_truthfulqa_questions():
     metrics = get_task("truthfulqa").evaluate(model, tokenizer, limit=6)
     assert metrics["n"] == 6
     assert 0 <= metrics["mc1"] <= 1 and 0.2 < metrics["mc2"] < 0.8
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(eval_split="vall"), "fold 0 vall split not found"),
+        (dict(k=1000), "--k 1000 is more than the model's 8 heads"),
+    ],
+)
+def test_pipeline_fails_before_training(tmp_path, overrides, message):
+    settings = tiny_settings(tmp_path, **overrides)
+    model = tiny_model("llama")
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        run_pipeline(settings, model=model, tokenizer=tiny_tokenizer())
+    assert not (tmp_path / "run" / "head_selection.json").exists()
+
+
+def test_head_selection_from_another_model_is_refused_early(tmp_path):
+    HeadSelection(scores=[[0.1] * 9] * 30).save(tmp_path / "smollm_heads.json")
+    with pytest.raises(ValueError, match="scores 30 layers x 9 heads, but the model has 2 layers x 4 heads"):
+        run_pipeline(tiny_settings(tmp_path, heads=str(tmp_path / "smollm_heads.json")), model=tiny_model("llama"),
+                     tokenizer=tiny_tokenizer())

@@ -29,6 +29,12 @@ def load(split: str, data_dir=None) -> list[GenerationExample]:
         require_fields(row, ("requested_rewrite", "questions", "new_answer"), path, number)
         rewrite = row["requested_rewrite"][0]
         require_fields(rewrite, ("prompt", "subject", "target_new"), path, number)
+        require_fields(rewrite["target_new"], ("str",), path, number)
+        if rewrite["prompt"].count("{}") != 1:
+            raise ValueError(
+                f"{path}, row {number}: requested_rewrite[0].prompt must contain exactly one '{{}}' for the subject; "
+                f"got {rewrite['prompt']!r}."
+            )
         answers = [row["new_answer"], *row.get("new_answer_alias", [])]
         examples.append(GenerationExample(prompt=prompt(row), answers=answers, completion=" " + row["new_answer"]))
     return examples

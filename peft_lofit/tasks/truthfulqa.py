@@ -120,20 +120,24 @@ def mc_metrics(true_scores: list[float], false_scores: list[float], best_score: 
 class MultipleChoiceScorer:
     """Sums the log-probabilities of each answer's tokens, sharing the instruction + primer prefix.
 
-    ``use_prefix_cache=False`` runs every full sequence from scratch; both paths see the same token ids.
+    Every answer's text is tokenized whole, exactly as the protocol writes it, and its tokens are those that reach
+    into the answer's characters. When the tokens of the shared prefix (instruction, primer, ``"\n\nQ:"``) are the
+    same at the start of every sequence of a question, which holds for BPE tokenizers, the prefix's key/value cache
+    is computed once and reused; otherwise that question is scored from scratch. ``use_prefix_cache=False`` scores
+    everything from scratch; both paths see the same token ids.
     """
 
     def __init__(self, model, tokenizer, instruction: str, primer: str, use_prefix_cache: bool = True):
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError("TruthfulQA scoring needs a fast tokenizer (offsets of the answer's tokens).")
         self.model, self.tokenizer = model, tokenizer
         self.use_prefix_cache = use_prefix_cache
-        self.prefix_ids = tokenizer(f"{instruction}\n\n{primer}\n\nQ:").input_ids
+        self.prefix_text = f"{instruction}\n\n{primer}\n\nQ:"
+        self.prefix_ids = tokenizer(self.prefix_text).input_ids
         self._prefix_cache = None
         # transformers >= 5.3x names the argument `cache`; earlier 5.x releases `past_key_values`
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._cache_argument = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def _prefix_kv(self):
         if self._prefix_cache is None:
@@ -141,35 +145,40 @@ class MultipleChoiceScorer:
             with torch.no_grad():
                 output = self.model(prefix, use_cache=True)
             self._prefix_cache = getattr(output, "cache", None) or output.past_key_values
-        cache = copy.deepcopy(self._prefix_cache)  # forward appends to the cache; keep the original clean
-        return cache
+        return copy.deepcopy(self._prefix_cache)  # forward appends to the cache; keep the original clean
+
+    def _tokens(self, question: str, answer: str) -> tuple[list[int], int]:
+        """Token ids of the full scoring text, and the index of the first token that reaches into the answer."""
+        before = f"{self.prefix_text} {question}\nA:"
+        encoding = self.tokenizer(f"{before} {answer}", return_offsets_mapping=True)
+        first = next(i for i, (_, end) in enumerate(encoding.offset_mapping) if end > len(before))
+        return encoding.input_ids, first
 
     def score(self, question: str, answers: list[str]) -> list[float]:
         """Summed log-probability of each answer (already normalised) given the prompt, in one batch."""
-        question_ids = self._ids(f" {question}\nA:")
-        answer_ids = [self._ids(f" {answer}") for answer in answers]
-        rows = [question_ids + ids for ids in answer_ids]
-        width = max(map(len, rows))
+        rows = [self._tokens(question, answer) for answer in answers]
+        shared = len(self.prefix_ids)
+        cached = self.use_prefix_cache and all(ids[:shared] == self.prefix_ids for ids, _ in rows)
+        skip = shared if cached else 0  # tokens not fed in this batch (they are in the cache)
+        suffixes = [ids[skip:] for ids, _ in rows]
+        width = max(map(len, suffixes))
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], device=self.model.device)
-        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=self.model.device)
-        prefix_len = len(self.prefix_ids)
+        device = self.model.device
+        input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in suffixes], device=device)  # (n, W)
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in suffixes], device=device)
         with torch.no_grad():
-            if self.use_prefix_cache:
+            if cached:
                 cache = self._prefix_kv()
                 cache.batch_repeat_interleave(len(rows))
-                full_mask = torch.cat([mask.new_ones(len(rows), prefix_len), mask], dim=1)
-                logits = self.model(input_ids, attention_mask=full_mask, **{self._cache_argument: cache}).logits  # (n, W, V)
+                full_mask = torch.cat([mask.new_ones(len(rows), shared), mask], dim=1)  # (n, shared + W)
+                logits = self.model(input_ids, attention_mask=full_mask, **{self._cache_argument: cache}).logits
             else:
-                prefix = input_ids.new_tensor(self.prefix_ids).expand(len(rows), -1)
-                full_mask = torch.cat([mask.new_ones(len(rows), prefix_len), mask], dim=1)
-                logits = self.model(torch.cat([prefix, input_ids], 1), attention_mask=full_mask).logits
-                logits = logits[:, prefix_len:]  # (n, W, V): the same positions as the cached path
+                logits = self.model(input_ids, attention_mask=mask).logits  # (n, W, V)
         log_probs = logits.float().log_softmax(-1)
         scores = []
-        for row, ids in enumerate(answer_ids):
-            positions = torch.arange(len(question_ids), len(question_ids) + len(ids), device=log_probs.device)
-            targets = torch.tensor(ids, device=log_probs.device)
+        for row, (ids, first) in enumerate(rows):
+            positions = torch.arange(first - skip, len(ids) - skip, device=device)
+            targets = input_ids[row, positions]
             scores.append(log_probs[row, positions - 1, targets].sum().item())  # token t is predicted at t - 1
         return scores
 
