@@ -144,8 +144,9 @@ def run_method(args, method: str, seed: int, train_limit: Optional[int], fractio
     row = dict.fromkeys(ROW_FIELDS)
     row.update(method=method, seed=seed, train_rows=len(rows))
     vocab = model.config.vocab_size
+    measure = dict(prefill_shape=(8, args.prefill_tokens), decode_tokens=args.decode_tokens, repeats=args.repeats)
     if "base_latency" not in cache and not args.skip_latency:
-        cache["base_latency"] = latency(model, vocab)
+        cache["base_latency"] = latency(model, vocab, **measure)
     if method == "base":
         row.update(trainable_parameters=0, adapter_bytes=0, metrics=task.evaluate(model, tokenizer, **evaluate))
         row["latency"] = _relative(cache.get("base_latency"), cache.get("base_latency"), cache.get("base_latency"))
@@ -183,9 +184,9 @@ def run_method(args, method: str, seed: int, train_limit: Optional[int], fractio
     row["adapter_bytes"] = adapter_bytes(peft_model)
     row["metrics"] = task.evaluate(peft_model, tokenizer, desc=f"{method} seed {seed}", **evaluate)
     if not args.skip_latency:
-        unmerged = latency(peft_model, vocab)
+        unmerged = latency(peft_model, vocab, **measure)
         peft_model.merge_adapter()
-        merged = latency(peft_model, vocab)
+        merged = latency(peft_model, vocab, **measure)
         peft_model.unmerge_adapter()
         row["latency"] = _relative(cache["base_latency"], unmerged, merged)
     return row
@@ -313,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep-data", nargs="*", type=int, default=[], help="training-set sizes (0 = all) for lofit and lora_r8")
     parser.add_argument("--sweep-k", nargs="*", type=float, default=[], help="fractions of heads for lofit")
     parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--prefill-tokens", type=int, default=256, help="latency: prefill of 8 x N tokens (default 256)")
+    parser.add_argument("--decode-tokens", type=int, default=64, help="latency: greedy tokens decoded (default 64)")
+    parser.add_argument("--repeats", type=int, default=3, help="latency: timed repeats after one warm-up (default 3)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output", default="benchmarks/results")
     return parser

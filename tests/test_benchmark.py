@@ -20,8 +20,9 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path):
     output = tmp_path / "results"
     compare.main([
         "--model", str(model_dir), "--train-limit", "8", "--eval-limit", "2", "--epochs", "1", "--localize-epochs", "1",
-        "--batch-size", "4", "--fraction", "0.25", "--seeds", "1", "2", "--methods", *compare.METHODS,
-        "--sweep-data", "4", "--sweep-k", "0.5", "--output", str(output),
+        "--batch-size", "4", "--fraction", "0.25", "--seeds", "1", "--methods", *compare.METHODS,
+        "--sweep-data", "4", "--sweep-k", "0.5", "--prefill-tokens", "16", "--decode-tokens", "4", "--repeats", "1",
+        "--output", str(output),
     ])
     results = json.loads((output / "results.json").read_text())
     assert {"date", "command", "machine", "settings", "rows", "summary"} <= set(results)
@@ -41,9 +42,20 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path):
     assert {r["k"] for r in lofit} == {2, 4}  # K sweep: 25% and 50% of 8 heads
     assert {r["train_rows"] for r in lofit} == {8, 4}  # data sweep
     lora = next(r for r in results["rows"] if r["method"] == "lora_r8")
-    assert lora["trainable_parameters"] == 2 * (8 * 32 + 32 * 8) * 2 - 2 * (32 * 8 - 16 * 8)  # q (32->32) and v (32->16)
-    headline = next(s for s in results["summary"] if s["method"] == "lofit" and s["k"] == 2 and s["train_rows"] == 8)
-    assert headline["seeds"] == [1, 2] and "mc1_std" in headline
+    assert lora["trainable_parameters"] == 2 * 2 * 8 * (32 + 32)  # 2 layers x (q, v) x rank 8 x (in + out)
+    assert next(r for r in results["rows"] if r["method"] == "lofit")["trainable_parameters"] == 2 * 8  # K=2 x d=8
     assert (output / "results.md").read_text().count("\n|") >= len(results["summary"])
     assert (output / "mc1_vs_parameters.png").is_file() and (output / "lofit_mc1_vs_k.png").is_file()
     assert (output / "lofit_mc1_vs_data.png").is_file()
+
+
+def test_summary_mean_and_spread_over_seeds():
+    rows = [
+        dict(method="lofit", seed=seed, train_rows=8, k=2, trainable_parameters=16, adapter_bytes=100, localize_s=1.0,
+             train_s=2.0, step_s=0.5, peak_memory_mb=10.0, metrics={"mc1": mc1}, latency=None)
+        for seed, mc1 in ((1, 0.2), (2, 0.4), (3, 0.6))
+    ]
+    (entry,) = compare.summarize(rows, ("mc1",))
+    assert entry["seeds"] == [1, 2, 3] and abs(entry["mc1"] - 0.4) < 1e-12
+    assert abs(entry["mc1_std"] - (0.08 / 3) ** 0.5) < 1e-12
+    assert "0.400 ± 0.163" in compare.markdown_table([entry], ("mc1",))
