@@ -29,7 +29,7 @@ from peft import IA3Config, LoraConfig
 from peft_lofit import LoFiTConfig
 from peft_lofit.checkpoint import save_adapter
 from peft_lofit.default_model import load_model_and_tokenizer
-from peft_lofit.heads import random_heads
+from peft_lofit.heads import HeadSelection, random_heads
 from peft_lofit.io import atomic_write_json, atomic_write_text
 from peft_lofit.localize import localize
 from peft_lofit.pipeline import heads_per_layer
@@ -160,6 +160,10 @@ def run_method(args, method: str, seed: int, train_limit: Optional[int], fractio
             heads = random_heads(heads_per_layer(model), k, seed=seed)
         else:
             key = (seed, train_limit)
+            if args.head_selection:
+                key = "file"
+                if key not in cache:
+                    cache[key] = (HeadSelection.load(args.head_selection), None, None)
             if key not in cache:
                 settings = train_settings(args, seed, Path(args.output) / "tmp", args.localize_lr)
                 settings.epochs, settings.l1_lambda = args.localize_epochs, args.l1
@@ -300,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
+    parser.add_argument("--extra-seeds", nargs="*", type=int, default=[], help="more seeds for --extra-seed-methods")
+    parser.add_argument("--extra-seed-methods", nargs="*", default=["lofit", "lofit_random", "lora_r8"], choices=METHODS)
+    parser.add_argument("--head-selection", default=None,
+                        help="reuse a head-selection JSON (e.g. from `lofit run`) instead of localizing per seed")
     parser.add_argument("--fraction", type=float, default=0.03, help="K as a share of all heads (default 0.03)")
     parser.add_argument("--train-limit", type=int, default=None, help="training rows (default: all)")
     parser.add_argument("--eval-limit", type=int, default=None, help="test examples (default: all)")
@@ -330,6 +338,8 @@ def main(argv=None) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     task = get_task(args.task)
     runs = [(m, s, args.train_limit, args.fraction) for m in args.methods for s in args.seeds]
+    runs += [(m, s, args.train_limit, args.fraction) for m in args.extra_seed_methods if m in args.methods
+             for s in args.extra_seeds]
     runs += [(m, args.seeds[0], size or None, args.fraction) for size in args.sweep_data for m in ("lofit", "lora_r8")]
     runs += [("lofit", args.seeds[0], args.train_limit, f) for f in args.sweep_k]
     runs = list(dict.fromkeys(runs))  # a sweep point equal to a headline run is run once
