@@ -114,6 +114,27 @@ def adapter_bytes(peft_model) -> int:
         return (Path(folder) / "adapter_model.safetensors").stat().st_size
 
 
+def eval_cache_speedup(model, tokenizer, args, questions: int) -> dict:
+    """TruthfulQA MC scoring of ``questions`` test questions with and without the shared-prefix KV cache.
+
+    Alternating order, one warm-up question; returns both times, their ratio and the largest score difference.
+    """
+    from peft_lofit.tasks.truthfulqa import evaluate_mc, load_truthfulqa
+
+    items = load_truthfulqa("test", fold=args.fold, data_dir=args.data_dir)[:questions]
+    evaluate_mc(model, tokenizer, items[:1], data_dir=args.data_dir, desc="warm-up")
+    times, scores = {True: [], False: []}, {}
+    for use_cache in (True, False, True, False):
+        start = time.perf_counter()
+        _, scores[use_cache] = evaluate_mc(model, tokenizer, items, data_dir=args.data_dir, use_prefix_cache=use_cache,
+                                           return_scores=True, desc=f"cache={use_cache}")
+        times[use_cache].append(time.perf_counter() - start)
+    difference = max(abs(a - b) for x, y in zip(scores[True], scores[False]) for a, b in zip(x, y))
+    cached, plain = statistics.median(times[True]), statistics.median(times[False])
+    return {"questions": questions, "cached_s": cached, "plain_s": plain, "speedup": plain / cached,
+            "max_score_difference": difference}
+
+
 # --------------------------------------------------------------------------------------------------- methods
 def peft_config_for(method: str, heads=None):
     """The PEFT config a method trains (LoFiT methods need their heads)."""
@@ -326,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode-tokens", type=int, default=64, help="latency: greedy tokens decoded (default 64)")
     parser.add_argument("--repeats", type=int, default=3, help="latency: timed repeats after one warm-up (default 3)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--eval-speed-questions", type=int, default=12,
+                        help="TruthfulQA questions for the prefix-cache speed check (0 to skip)")
+    parser.add_argument("--eval-speed-only", action="store_true", help="run only the prefix-cache speed check")
     parser.add_argument("--output", default="benchmarks/results")
     return parser
 
@@ -337,6 +361,15 @@ def main(argv=None) -> dict:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     task = get_task(args.task)
+    eval_speed = None
+    if args.task == "truthfulqa" and args.eval_speed_questions:
+        model, tokenizer = load_model_and_tokenizer(args.model)
+        eval_speed = eval_cache_speedup(model, tokenizer, args, args.eval_speed_questions)
+        atomic_write_json(output / "eval_speed.json", eval_speed)
+        print(f"prefix cache: {eval_speed['speedup']:.1f}x faster, max score difference "
+              f"{eval_speed['max_score_difference']:.2e}")
+        if args.eval_speed_only:
+            return {"eval_speed": eval_speed}
     runs = [(m, s, args.train_limit, args.fraction) for m in args.methods for s in args.seeds]
     runs += [(m, s, args.train_limit, args.fraction) for m in args.extra_seed_methods if m in args.methods
              for s in args.extra_seeds]
@@ -359,6 +392,7 @@ def main(argv=None) -> dict:
                     "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "settings": {k: v for k, v in vars(args).items()},
         "wall_s": time.perf_counter() - started,
+        "eval_prefix_cache": eval_speed,
         "rows": rows,
         "summary": summary,
     }

@@ -22,10 +22,13 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path):
         "--model", str(model_dir), "--train-limit", "8", "--eval-limit", "2", "--epochs", "1", "--localize-epochs", "1",
         "--batch-size", "4", "--fraction", "0.25", "--seeds", "1", "--methods", *compare.METHODS,
         "--sweep-data", "4", "--sweep-k", "0.5", "--prefill-tokens", "16", "--decode-tokens", "4", "--repeats", "1",
+        "--eval-speed-questions", "3",
         "--output", str(output),
     ])
     results = json.loads((output / "results.json").read_text())
-    assert {"date", "command", "machine", "settings", "rows", "summary"} <= set(results)
+    assert {"date", "command", "machine", "settings", "rows", "summary", "eval_prefix_cache"} <= set(results)
+    speed = results["eval_prefix_cache"]
+    assert speed["questions"] == 3 and speed["speedup"] > 0 and speed["max_score_difference"] < 1e-4
     methods = {row["method"] for row in results["rows"]}
     assert methods == set(compare.METHODS)
     for row in results["rows"]:
