@@ -77,15 +77,27 @@ def resolve_model_path(name_or_path: Optional[str]) -> str:
     return name_or_path
 
 
-def load_model_and_tokenizer(name_or_path: Optional[str] = None, dtype: torch.dtype = torch.float32):
-    """Load a causal LM and its tokenizer (left padding, a pad token); the default model when no name is given."""
+def default_device_and_dtype() -> tuple[torch.device, torch.dtype]:
+    """The first GPU in bfloat16 where there is one (float16 where bf16 is unsupported), else the CPU in float32."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.device("cpu"), torch.float32
+
+
+def load_model_and_tokenizer(name_or_path: Optional[str] = None, dtype: Optional[torch.dtype] = None, device=None):
+    """Load a causal LM and its tokenizer (a pad token set); the default model when no name is given.
+
+    The model goes to ``device`` in ``dtype``; by default the GPU in bfloat16 when there is one, else the CPU in
+    float32. LoFiT's vectors stay in float32 either way (PEFT's adapter upcasting).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    default_device, default_dtype = default_device_and_dtype()
     path = resolve_model_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or default_dtype).to(device or default_device)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
