@@ -36,7 +36,8 @@ from peft_lofit.pipeline import heads_per_layer
 from peft_lofit.tasks import get_task
 from peft_lofit.training import TrainSettings, train_adapter
 
-METHODS = ("base", "lofit", "lofit_random", "lora_r8", "lora_r1", "ia3")
+METHODS = ("base", "lofit", "lofit_random", "lora_r8", "lora_r1", "ia3", "iti", "repe")
+COMPUTED = ("iti", "repe")  # offsets computed from activations (TruthfulQA only), nothing trained
 ROW_FIELDS = (
     "method", "seed", "train_rows", "k", "trainable_parameters", "adapter_bytes", "localize_s", "train_s",
     "step_s", "steps", "localize_peak_memory_mb", "peak_memory_mb", "metrics", "latency",
@@ -196,14 +197,24 @@ def run_method(args, method: str, seed: int, train_limit: Optional[int], fractio
             heads = selection.top(k)
         row["k"] = len(heads)
 
-    learning_rate = args.lofit_lr if method.startswith("lofit") else args.lora_lr if method.startswith("lora") else args.ia3_lr
-    settings = train_settings(args, seed, Path(args.output) / "tmp", learning_rate)
-    start = time.perf_counter()
-    with PeakMemory() as memory:
-        peft_model, trainer = train_adapter(model, tokenizer, rows, task.objective, peft_config_for(method, heads), settings)
-    row["train_s"] = time.perf_counter() - start
-    row["steps"] = trainer.state.global_step
-    row["step_s"] = row["train_s"] / max(1, row["steps"])
+    if method in COMPUTED:
+        if args.task != "truthfulqa":
+            raise ValueError(f"{method} is built from TruthfulQA true/false answers; use --task truthfulqa.")
+        start = time.perf_counter()
+        with PeakMemory() as memory:
+            k = round(fraction * sum(heads_per_layer(model)))
+            peft_model = computed_adapter(method, model, tokenizer, args, k, train_limit)
+        row["train_s"], row["steps"] = time.perf_counter() - start, 0
+        row["k"] = len(peft_model.peft_config["default"].heads)
+    else:
+        learning_rate = args.lofit_lr if method.startswith("lofit") else args.lora_lr if method.startswith("lora") else args.ia3_lr
+        settings = train_settings(args, seed, Path(args.output) / "tmp", learning_rate)
+        start = time.perf_counter()
+        with PeakMemory() as memory:
+            peft_model, trainer = train_adapter(model, tokenizer, rows, task.objective, peft_config_for(method, heads), settings)
+        row["train_s"] = time.perf_counter() - start
+        row["steps"] = trainer.state.global_step
+        row["step_s"] = row["train_s"] / max(1, row["steps"])
     row["peak_memory_mb"] = memory.peak_mb
     row["trainable_parameters"] = peft_model.get_nb_trainable_parameters()[0]
     row["adapter_bytes"] = adapter_bytes(peft_model)
@@ -215,6 +226,28 @@ def run_method(args, method: str, seed: int, train_limit: Optional[int], fractio
         peft_model.unmerge_adapter()
         row["latency"] = _relative(cache["base_latency"], unmerged, merged)
     return row
+
+
+def computed_adapter(method: str, model, tokenizer, args, k: int, limit: Optional[int]):
+    """ITI (top-k heads by probe accuracy, offsets alpha * sigma * theta) or RepE-style reading vectors, from the
+    first ``limit`` training (and validation) questions."""
+    from peft_lofit import baselines
+    from peft_lofit.tasks.truthfulqa import load_truthfulqa
+
+    train = load_truthfulqa("train", fold=args.fold, data_dir=args.data_dir)[:limit]
+    if method == "iti":
+        val = load_truthfulqa("val", fold=args.fold, data_dir=args.data_dir)[:limit]
+        (train_texts, train_y), (val_texts, val_y) = baselines.truthfulqa_probe_texts(train), baselines.truthfulqa_probe_texts(val)
+        train_x = baselines.collect_head_activations(model, tokenizer, train_texts)
+        val_x = baselines.collect_head_activations(model, tokenizer, val_texts)
+        peft_model, _ = baselines.iti_adapter(model, train_x, train_y, val_x, val_y, k=max(1, k), alpha=args.iti_alpha)
+        return peft_model
+    true_texts = [f"Q: {q.question} A: {q.best_answer}" for q in train]
+    false_texts = [f"Q: {q.question} A: {q.incorrect[0]}" for q in train]
+    vectors = baselines.reading_vectors(baselines.collect_hidden_states(model, tokenizer, true_texts),
+                                        baselines.collect_hidden_states(model, tokenizer, false_texts))
+    layers = args.repe_layers or list(range(len(vectors) // 3, 2 * len(vectors) // 3))
+    return baselines.repe_adapter(model, {layer: vectors[layer] for layer in layers}, args.repe_coefficient)
 
 
 def _relative(base, unmerged, merged) -> Optional[dict]:
@@ -340,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lofit-lr", type=float, default=1e-2)
     parser.add_argument("--lora-lr", type=float, default=5e-4)
     parser.add_argument("--ia3-lr", type=float, default=5e-3)
+    parser.add_argument("--iti-alpha", type=float, default=15.0, help="ITI offset strength (ITI: 15 with K=48 on 7B)")
+    parser.add_argument("--repe-coefficient", type=float, default=4.0, help="RepE: c in c * r_l")
+    parser.add_argument("--repe-layers", nargs="*", type=int, default=None, help="RepE layers (default: middle third)")
     parser.add_argument("--sweep-data", nargs="*", type=int, default=[], help="training-set sizes (0 = all) for lofit and lora_r8")
     parser.add_argument("--sweep-k", nargs="*", type=float, default=[], help="fractions of heads for lofit")
     parser.add_argument("--skip-latency", action="store_true")

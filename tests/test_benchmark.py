@@ -31,12 +31,16 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path):
     assert speed["questions"] == 3 and speed["speedup"] > 0 and speed["max_score_difference"] < 1e-4
     methods = {row["method"] for row in results["rows"]}
     assert methods == set(compare.METHODS)
+    computed = [r for r in results["rows"] if r["method"] in compare.COMPUTED]
+    assert {r["method"] for r in computed} == {"iti", "repe"} and all(r["trainable_parameters"] == 0 for r in computed)
+    assert next(r for r in computed if r["method"] == "repe")["k"] == 4  # all heads of the middle layer (1 of 2)
     for row in results["rows"]:
         assert set(compare.ROW_FIELDS) <= set(row)
         assert {"mc1", "mc2", "mc3", "n"} <= set(row["metrics"])
+        if row["method"] not in ("base", *compare.COMPUTED):
+            assert row["trainable_parameters"] > 0 and row["step_s"] > 0
         if row["method"] != "base":
-            assert row["trainable_parameters"] > 0 and row["adapter_bytes"] > 0 and row["train_s"] > 0
-            assert row["step_s"] > 0 and row["peak_memory_mb"] is not None
+            assert row["adapter_bytes"] > 0 and row["train_s"] > 0 and row["peak_memory_mb"] is not None
             latency = row["latency"]
             assert {"unmerged_vs_base", "merged_vs_base"} <= set(latency)
             assert set(latency["unmerged_vs_base"]) == {"prefill_s", "decode_s"}
