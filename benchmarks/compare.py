@@ -13,6 +13,7 @@ greedy decoding) unmerged and merged, relative to the base model measured in the
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -91,7 +92,7 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def latency(model, vocab: int, prefill_shape=(8, 256), decode_tokens=64, repeats=3) -> dict[str, float]:
+def latency(model, vocab: int, prefill_shape=(8, 256), decode_tokens=64, repeats=3, warmup=1) -> dict[str, float]:
     """Median seconds for a prefill forward of ``prefill_shape`` tokens and for greedy decoding ``decode_tokens``."""
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, vocab, prefill_shape, generator=generator).to(model.device)
@@ -106,7 +107,47 @@ def latency(model, vocab: int, prefill_shape=(8, 256), decode_tokens=64, repeats
             model.generate(short, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False,
                            pad_token_id=0)
 
-    return {"prefill_s": median_time(prefill, repeats), "decode_s": median_time(decode, repeats)}
+    return {"prefill_s": median_time(prefill, repeats, warmup), "decode_s": median_time(decode, repeats, warmup)}
+
+
+def interleaved_latency(args, methods: list[str]) -> dict:
+    """Inference latency of untrained adapters (values do not change the cost), measured round-robin.
+
+    Each round times the base model, then every method unmerged and merged, so machine noise hits all alike; the
+    medians over ``--repeats`` rounds are reported with their ratios to the base model.
+    """
+    model, _ = load_model_and_tokenizer(args.model)
+    vocab = model.config.vocab_size
+    total = sum(heads_per_layer(model))
+    k = max(1, round(args.fraction * total))
+    heads = HeadSelection.load(args.head_selection).top(k) if args.head_selection else random_heads(heads_per_layer(model), k)
+    from peft import get_peft_model
+
+    variants = {"base": model.eval()}  # one copy of the base model per method: PEFT cannot mix adapter types
+    for method in methods:
+        if method in ("base", *COMPUTED):
+            continue
+        config = peft_config_for(method, heads)
+        if isinstance(config, LoFiTConfig):
+            config.init_weights = False
+        variants[method] = get_peft_model(copy.deepcopy(model), config).eval()
+    measure = dict(prefill_shape=(8, args.prefill_tokens), decode_tokens=args.decode_tokens, repeats=1, warmup=0)
+    times: dict[str, list[dict]] = {}
+    for round_index in range(args.repeats + 1):  # round 0 warms up
+        for name, variant in variants.items():
+            if name == "base":
+                result = {"base": latency(variant, vocab, **measure)}
+            else:
+                result = {f"{name}_unmerged": latency(variant, vocab, **measure)}
+                variant.merge_adapter()
+                result[f"{name}_merged"] = latency(variant, vocab, **measure)
+                variant.unmerge_adapter()
+            if round_index:
+                for key, value in result.items():
+                    times.setdefault(key, []).append(value)
+    medians = {key: {m: statistics.median(r[m] for r in runs) for m in ("prefill_s", "decode_s")} for key, runs in times.items()}
+    return {key: {**value, **{f"{m}_vs_base": value[m] / medians["base"][m] for m in ("prefill_s", "decode_s")}}
+            for key, value in medians.items()}
 
 
 def adapter_bytes(peft_model) -> int:
@@ -386,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-speed-questions", type=int, default=12,
                         help="TruthfulQA questions for the prefix-cache speed check (0 to skip)")
     parser.add_argument("--eval-speed-only", action="store_true", help="run only the prefix-cache speed check")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="only inference latency of untrained adapters of --methods, round-robin over --repeats")
     parser.add_argument("--output", default="benchmarks/results")
     return parser
 
@@ -397,6 +440,13 @@ def main(argv=None) -> dict:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     task = get_task(args.task)
+    if args.latency_only:
+        result = interleaved_latency(args, args.methods)
+        atomic_write_json(output / "latency.json", result)
+        for key, value in result.items():
+            print(f"{key:>16}: prefill {value['prefill_s']:.3f}s ({value['prefill_s_vs_base']:.3f}x), "
+                  f"decode {value['decode_s']:.3f}s ({value['decode_s_vs_base']:.3f}x)")
+        return {"latency": result}
     eval_speed = None
     if args.task == "truthfulqa" and args.eval_speed_questions:
         model, tokenizer = load_model_and_tokenizer(args.model)

@@ -66,3 +66,15 @@ def test_summary_mean_and_spread_over_seeds():
     assert entry["seeds"] == [1, 2, 3] and abs(entry["mc1"] - 0.4) < 1e-12
     assert abs(entry["mc1_std"] - (0.08 / 3) ** 0.5) < 1e-12
     assert "0.400 ± 0.163" in compare.markdown_table([entry], ("mc1",))
+
+
+def test_latency_only_mode(tmp_path):
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    result = compare.main(["--model", str(model_dir), "--latency-only", "--methods", "lofit", "lora_r8", "--fraction",
+                           "0.25", "--prefill-tokens", "8", "--decode-tokens", "2", "--repeats", "2",
+                           "--output", str(tmp_path / "out")])["latency"]
+    assert set(result) == {"base", "lofit_unmerged", "lofit_merged", "lora_r8_unmerged", "lora_r8_merged"}
+    assert result["base"]["prefill_s_vs_base"] == 1.0 and all(v["decode_s"] > 0 for v in result.values())
+    assert json.loads((tmp_path / "out" / "latency.json").read_text()) == result
