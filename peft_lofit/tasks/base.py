@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -71,7 +71,6 @@ class GenerationExample:
     prompt: str
     answers: list[str]
     completion: str = ""  # the training target (answer text the model should produce)
-    extra: dict = field(default_factory=dict)
 
 
 def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, desc: str) -> list[str]:

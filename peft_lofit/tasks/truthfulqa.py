@@ -16,7 +16,6 @@ import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -213,7 +212,3 @@ def evaluate_mc(
     metrics["n"] = len(questions)
     return (metrics, all_scores) if return_scores else metrics
 
-
-def evaluate(model, tokenizer, split: str = "test", fold: int = 0, data_dir=None, limit: Optional[int] = None):
-    questions = load_truthfulqa(split, fold=fold, data_dir=data_dir)[:limit]
-    return evaluate_mc(model, tokenizer, questions, data_dir=data_dir)
