@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 
-from peft_lofit import LoFiTConfig, LoFiTLayer
+from peft_lofit import LoFiTConfig
 from peft_lofit.training import TrainSettings, train_adapter
 
 DPO_ROWS = [{"prompt": "q: ab a:", "chosen": " yes", "rejected": " no"}, {"prompt": "q: cd a:", "chosen": " b", "rejected": " c"}] * 4
