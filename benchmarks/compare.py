@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 from peft import IA3Config, LoraConfig
+from transformers import TrainerCallback
 
 from peft_lofit import LoFiTConfig
 from peft_lofit.checkpoint import save_adapter
@@ -36,8 +37,13 @@ from peft_lofit.pipeline import heads_per_layer
 from peft_lofit.tasks import get_task
 from peft_lofit.training import TrainSettings, train_adapter
 
-METHODS = ("base", "lofit", "lofit_random", "lora_r8", "lora_r1", "ia3", "iti", "repe")
+METHODS = (
+    "base", "lofit", "lofit_random", "lofit_all_heads", "lofit_iti_heads", "lofit_other_heads", "lora_r8", "lora_r1",
+    "ia3", "iti", "repe",
+)
 COMPUTED = ("iti", "repe")  # offsets computed from activations (TruthfulQA only), nothing trained
+# Step 2 on another head set (the ablations): every K heads, ITI's probe heads, heads localized on --other-heads' task.
+HEAD_ABLATIONS = ("lofit_random", "lofit_all_heads", "lofit_iti_heads", "lofit_other_heads")
 ROW_FIELDS = (
     "method", "seed", "train_rows", "k", "trainable_parameters", "adapter_bytes", "localize_s", "train_s",
     "step_s", "steps", "localize_peak_memory_mb", "peak_memory_mb", "metrics", "latency",
@@ -149,6 +155,75 @@ def interleaved_latency(args, methods: list[str]) -> dict:
             for key, value in medians.items()}
 
 
+class EpochTimer(TrainerCallback):
+    """Wall time of each training epoch (the trainer's set-up, e.g. DPO's reference pass, is not in it)."""
+
+    def __init__(self):
+        self.epoch_s: list[float] = []
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.epoch_s.append(time.perf_counter() - self._start)
+
+
+SPEED_VARIANTS = ("lofit_step1", "lora_r8", "lofit_step2_plain", "lofit_step2_cached")
+
+
+def training_speed(args) -> dict:
+    """Seconds per epoch of LoFiT step 1, LoRA r8, and LoFiT step 2 without and with the frozen-layer cache.
+
+    Same rows, trainer and batch size for all; ``--repeats`` rounds run the four variants in turn so machine noise
+    hits all alike. Step 2 trains the top K heads of ``--head-selection`` (or of round 1's step 1). Reports each
+    variant's median epoch time (all epochs, and epochs after the first, when the cache is warm), its median total
+    time (set-up included), peak memory, and ratios to LoRA r8.
+    """
+    task = get_task(args.task)
+    _, tokenizer = load_model_and_tokenizer(args.model)
+    rows = task.training_rows("train", data_dir=args.data_dir, fold=args.fold, limit=args.train_limit)
+    selection = HeadSelection.load(args.head_selection) if args.head_selection else None
+    runs: dict[str, list[dict]] = {variant: [] for variant in SPEED_VARIANTS}
+    for round_index in range(args.repeats):
+        for variant in SPEED_VARIANTS:
+            model, _ = load_model_and_tokenizer(args.model)
+            timer = EpochTimer()
+            settings = train_settings(args, args.seeds[0], Path(args.output) / "tmp", args.lofit_lr)
+            start = time.perf_counter()
+            with PeakMemory() as memory:
+                if variant == "lofit_step1":
+                    settings.learning_rate, settings.l1_lambda = args.localize_lr, args.l1
+                    found = localize(model, tokenizer, rows, task.objective, settings, callbacks=[timer])
+                    selection = selection or found
+                    stats = None
+                else:
+                    if variant == "lora_r8":
+                        settings.learning_rate, config = args.lora_lr, peft_config_for("lora_r8")
+                    else:
+                        k = max(1, round(args.fraction * selection.num_heads_total))
+                        config = LoFiTConfig(heads=selection.top(k))
+                        settings.cache_frozen_layers = variant == "lofit_step2_cached"
+                    _, trainer = train_adapter(model, tokenizer, rows, task.objective, config, settings, [timer])
+                    stats = trainer.frozen_prefix_stats
+            runs[variant].append({"total_s": time.perf_counter() - start, "epoch_s": timer.epoch_s,
+                                  "peak_memory_mb": memory.peak_mb, "cache": vars(stats) if stats else None})
+            print(f"round {round_index + 1} {variant}: epochs {[round(t, 1) for t in timer.epoch_s]} s", flush=True)
+    result = {"train_rows": len(rows), "epochs": args.epochs, "repeats": args.repeats, "variants": {}}
+    for variant, measured in runs.items():
+        result["variants"][variant] = {
+            "epoch_s": statistics.median(t for run in measured for t in run["epoch_s"]),
+            "later_epoch_s": statistics.median(t for run in measured for t in (run["epoch_s"][1:] or run["epoch_s"])),
+            "total_s": statistics.median(run["total_s"] for run in measured),
+            "peak_memory_mb": max(run["peak_memory_mb"] for run in measured),
+            "runs": measured,
+        }
+    lora = result["variants"]["lora_r8"]
+    for variant, value in result["variants"].items():
+        for key in ("epoch_s", "later_epoch_s", "total_s", "peak_memory_mb"):
+            value[f"{key}_vs_lora_r8"] = value[key] / lora[key] if lora[key] else None
+    return result
+
+
 def adapter_bytes(peft_model) -> int:
     with tempfile.TemporaryDirectory() as folder:
         save_adapter(peft_model, folder)
@@ -179,7 +254,7 @@ def eval_cache_speedup(model, tokenizer, args, questions: int) -> dict:
 # --------------------------------------------------------------------------------------------------- methods
 def peft_config_for(method: str, heads=None):
     """The PEFT config a method trains (LoFiT methods need their heads)."""
-    if method in ("lofit", "lofit_random"):
+    if method.startswith("lofit"):
         return LoFiTConfig(heads=heads)
     if method.startswith("lora_r"):
         rank = int(method.removeprefix("lora_r"))
@@ -216,25 +291,8 @@ def run_method(args, method: str, seed: int, train_limit: Optional[int], fractio
 
     heads = None
     if method.startswith("lofit"):
-        total = sum(heads_per_layer(model))
-        k = max(1, round(fraction * total))
-        if method == "lofit_random":
-            heads = random_heads(heads_per_layer(model), k, seed=seed)
-        else:
-            key = (seed, train_limit)
-            if args.head_selection:
-                key = "file"
-                if key not in cache:
-                    cache[key] = (HeadSelection.load(args.head_selection), None, None)
-            if key not in cache:
-                settings = train_settings(args, seed, Path(args.output) / "tmp", args.localize_lr)
-                settings.epochs, settings.l1_lambda = args.localize_epochs, args.l1
-                start = time.perf_counter()
-                with PeakMemory() as memory:
-                    selection = localize(model, tokenizer, rows, task.objective, settings)
-                cache[key] = (selection, time.perf_counter() - start, memory.peak_mb)
-            selection, row["localize_s"], row["localize_peak_memory_mb"] = cache[key]
-            heads = selection.top(k)
+        k = max(1, round(fraction * sum(heads_per_layer(model))))
+        heads = heads_for(method, args, model, tokenizer, rows, task, seed, train_limit, k, cache, row)
         row["k"] = len(heads)
 
     if method in COMPUTED:
@@ -243,7 +301,7 @@ def run_method(args, method: str, seed: int, train_limit: Optional[int], fractio
         start = time.perf_counter()
         with PeakMemory() as memory:
             k = round(fraction * sum(heads_per_layer(model)))
-            peft_model = computed_adapter(method, model, tokenizer, args, k, train_limit)
+            peft_model = computed_adapter(method, model, tokenizer, args, k, train_limit, cache)
         row["train_s"], row["steps"] = time.perf_counter() - start, 0
         row["k"] = len(peft_model.peft_config["default"].heads)
     else:
@@ -268,20 +326,68 @@ def run_method(args, method: str, seed: int, train_limit: Optional[int], fractio
     return row
 
 
-def computed_adapter(method: str, model, tokenizer, args, k: int, limit: Optional[int]):
+def heads_for(method, args, model, tokenizer, rows, task, seed, train_limit, k, cache, row) -> list[list[int]]:
+    """The K heads step 2 trains for a LoFiT method; localizations are kept in ``cache`` (and timed into ``row``)."""
+    layout = heads_per_layer(model)
+    if method == "lofit_random":
+        return random_heads(layout, k, seed=seed)
+    if method == "lofit_all_heads":
+        return [[layer, head] for layer, count in enumerate(layout) for head in range(count)]
+    if method == "lofit_other_heads":
+        if not args.other_heads:
+            raise ValueError("lofit_other_heads needs --other-heads: a head-selection JSON localized on another task.")
+        selection = HeadSelection.load(args.other_heads)
+        selection.check_fits(layout, args.other_heads)
+        return selection.top(k)
+    if method == "lofit_iti_heads":
+        if "iti" not in cache:
+            cache["iti"] = iti_probe_data(model, tokenizer, args, train_limit)
+        return cache["iti"][0].top(k)
+    key = "file" if args.head_selection else (seed, train_limit)
+    if key not in cache:
+        if args.head_selection:
+            cache[key] = (HeadSelection.load(args.head_selection), None, None)
+        else:
+            settings = train_settings(args, seed, Path(args.output) / "tmp", args.localize_lr)
+            settings.epochs, settings.l1_lambda = args.localize_epochs, args.l1
+            start = time.perf_counter()
+            with PeakMemory() as memory:
+                selection = localize(model, tokenizer, rows, task.objective, settings)
+            cache[key] = (selection, time.perf_counter() - start, memory.peak_mb)
+    selection, row["localize_s"], row["localize_peak_memory_mb"] = cache[key]
+    return selection.top(k)
+
+
+def iti_probe_data(model, tokenizer, args, limit: Optional[int]):
+    """ITI's probes on the first ``limit`` training / validation questions: (HeadSelection of validation accuracies,
+    training activations, training labels)."""
+    from peft_lofit import baselines
+    from peft_lofit.tasks.truthfulqa import load_truthfulqa
+
+    if args.task != "truthfulqa":
+        raise ValueError("ITI probes are trained on TruthfulQA true/false answers; use --task truthfulqa.")
+    train = load_truthfulqa("train", fold=args.fold, data_dir=args.data_dir)[:limit]
+    val = load_truthfulqa("val", fold=args.fold, data_dir=args.data_dir)[:limit]
+    (train_texts, train_y), (val_texts, val_y) = baselines.truthfulqa_probe_texts(train), baselines.truthfulqa_probe_texts(val)
+    train_x = baselines.collect_head_activations(model, tokenizer, train_texts)
+    val_x = baselines.collect_head_activations(model, tokenizer, val_texts)
+    selection = baselines.probe_selection(train_x, train_y, val_x, val_y, metadata={"method": "iti"})
+    return selection, train_x, train_y
+
+
+def computed_adapter(method: str, model, tokenizer, args, k: int, limit: Optional[int], cache: dict):
     """ITI (top-k heads by probe accuracy, offsets alpha * sigma * theta) or RepE-style reading vectors, from the
     first ``limit`` training (and validation) questions."""
     from peft_lofit import baselines
     from peft_lofit.tasks.truthfulqa import load_truthfulqa
 
-    train = load_truthfulqa("train", fold=args.fold, data_dir=args.data_dir)[:limit]
     if method == "iti":
-        val = load_truthfulqa("val", fold=args.fold, data_dir=args.data_dir)[:limit]
-        (train_texts, train_y), (val_texts, val_y) = baselines.truthfulqa_probe_texts(train), baselines.truthfulqa_probe_texts(val)
-        train_x = baselines.collect_head_activations(model, tokenizer, train_texts)
-        val_x = baselines.collect_head_activations(model, tokenizer, val_texts)
-        peft_model, _ = baselines.iti_adapter(model, train_x, train_y, val_x, val_y, k=max(1, k), alpha=args.iti_alpha)
-        return peft_model
+        if "iti" not in cache:
+            cache["iti"] = iti_probe_data(model, tokenizer, args, limit)
+        selection, train_x, train_y = cache["iti"]
+        offsets = baselines.iti_offsets(train_x, train_y, selection.top(max(1, k)), args.iti_alpha)
+        return baselines.adapter_with_offsets(model, offsets)
+    train = load_truthfulqa("train", fold=args.fold, data_dir=args.data_dir)[:limit]
     true_texts = [f"Q: {q.question} A: {q.best_answer}" for q in train]
     false_texts = [f"Q: {q.question} A: {q.incorrect[0]}" for q in train]
     vectors = baselines.reading_vectors(baselines.collect_hidden_states(model, tokenizer, true_texts),
@@ -402,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--extra-seed-methods", nargs="*", default=["lofit", "lofit_random", "lora_r8"], choices=METHODS)
     parser.add_argument("--head-selection", default=None,
                         help="reuse a head-selection JSON (e.g. from `lofit run`) instead of localizing per seed")
+    parser.add_argument("--other-heads", default=None,
+                        help="lofit_other_heads: head-selection JSON localized on another task (e.g. MQuAKE heads)")
     parser.add_argument("--fraction", type=float, default=0.03, help="K as a share of all heads (default 0.03)")
     parser.add_argument("--train-limit", type=int, default=None, help="training rows (default: all)")
     parser.add_argument("--eval-limit", type=int, default=None, help="test examples (default: all)")
@@ -428,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-speed-only", action="store_true", help="run only the prefix-cache speed check")
     parser.add_argument("--latency-only", action="store_true",
                         help="only inference latency of untrained adapters of --methods, round-robin over --repeats")
+    parser.add_argument("--train-speed-only", action="store_true",
+                        help="only seconds per epoch of LoFiT step 1, LoRA r8 and step 2 (plain / cached), round-robin")
     parser.add_argument("--output", default="benchmarks/results")
     return parser
 
@@ -446,6 +556,14 @@ def main(argv=None) -> dict:
             print(f"{key:>16}: prefill {value['prefill_s']:.3f}s ({value['prefill_s_vs_base']:.3f}x), "
                   f"decode {value['decode_s']:.3f}s ({value['decode_s_vs_base']:.3f}x)")
         return {"latency": result}
+    if args.train_speed_only:
+        result = training_speed(args)
+        atomic_write_json(output / "train_speed.json", result)
+        for variant, value in result["variants"].items():
+            print(f"{variant:>20}: {value['epoch_s']:.1f} s/epoch ({value['epoch_s_vs_lora_r8']:.2f}x LoRA r8), after the "
+                  f"first epoch {value['later_epoch_s']:.1f} s ({value['later_epoch_s_vs_lora_r8']:.2f}x), peak "
+                  f"{value['peak_memory_mb']:.0f} MB ({value['peak_memory_mb_vs_lora_r8']:.2f}x)")
+        return {"train_speed": result}
     eval_speed = None
     if args.task == "truthfulqa" and args.eval_speed_questions:
         model, tokenizer = load_model_and_tokenizer(args.model)

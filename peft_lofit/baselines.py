@@ -15,6 +15,8 @@ Both return a ``PeftModel`` with an ordinary LoFiT adapter, so they save, load, 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from peft import get_peft_model
 from tqdm.auto import tqdm
@@ -135,13 +137,18 @@ def adapter_with_offsets(model, offsets: dict[tuple[int, int], torch.Tensor], ad
     return peft_model.eval()
 
 
+def probe_selection(train_x, train_y, val_x, val_y, metadata: Optional[dict] = None) -> HeadSelection:
+    """ITI's head ranking: every head scored by its probe's validation accuracy (see ``probe_accuracies``)."""
+    return HeadSelection(scores=probe_accuracies(train_x, train_y, val_x, val_y).tolist(), metadata=metadata or {})
+
+
 def iti_adapter(model, train_activations, train_labels, val_activations, val_labels, k: int, alpha: float = 15.0):
     """ITI as a LoFiT adapter: top-``k`` heads by validation probe accuracy, offsets ``alpha * sigma * theta``.
 
     Returns the PeftModel and the probe accuracies as a ``HeadSelection`` (scores = accuracies).
     """
-    accuracy = probe_accuracies(train_activations, train_labels, val_activations, val_labels)
-    selection = HeadSelection(scores=accuracy.tolist(), metadata={"method": "iti", "alpha": alpha})
+    selection = probe_selection(train_activations, train_labels, val_activations, val_labels,
+                                metadata={"method": "iti", "alpha": alpha})
     heads = selection.top(k)
     return adapter_with_offsets(model, iti_offsets(train_activations, train_labels, heads, alpha)), selection
 

@@ -36,6 +36,15 @@ class HeadSelection:
     def num_heads_total(self) -> int:
         return sum(len(row) for row in self.scores)
 
+    def check_fits(self, per_layer: list[int], source: str = "the head selection") -> None:
+        """A ValueError unless the scores have the model's shape (``per_layer``: heads of each layer)."""
+        shape = [len(row) for row in self.scores]
+        if shape != per_layer:
+            raise ValueError(
+                f"{source} scores {len(shape)} layers x {shape[0]} heads, but the model has "
+                f"{len(per_layer)} layers x {per_layer[0]} heads: it was localized on another model."
+            )
+
     def ranked(self) -> list[list[int]]:
         """All ``[layer, head]`` pairs, highest score first (ties: lower layer, then lower head first)."""
         pairs = [(layer, head) for layer, row in enumerate(self.scores) for head in range(len(row))]

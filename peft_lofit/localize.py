@@ -36,12 +36,13 @@ def localize(
     num_heads: Optional[int] = None,
     head_dim: Optional[int] = None,
     metadata: Optional[dict] = None,
+    callbacks=None,
 ) -> HeadSelection:
     """Train per-head scalings under an L1 penalty on ``rows`` and return every head's score.
 
     ``rows``/``objective`` are as for ``training.build_trainer`` (``"dpo"``: prompt/chosen/rejected, ``"sft"``:
     prompt/completion). ``settings.l1_lambda`` is lambda. ``model`` must be a plain transformers model: to localize
-    on top of an adapter, merge it first (``peft_model.merge_and_unload()``).
+    on top of an adapter, merge it first (``peft_model.merge_and_unload()``). ``callbacks``: TrainerCallbacks.
     """
     if isinstance(model, PeftModel):
         raise ValueError(
@@ -51,22 +52,19 @@ def localize(
     settings = settings or TrainSettings(**DEFAULT_LOCALIZE_SETTINGS)
     if settings.l1_lambda == 0:
         raise ValueError("localize() needs l1_lambda > 0: the L1 penalty is what separates the heads.")
-    config = LoFiTConfig(
-        heads=None,
-        use_scaling=True,
-        use_offset=False,
-        init_weights="normal",
-        init_std=init_std,
-        target_modules=target_modules,
-        num_heads=num_heads,
-        head_dim=head_dim,
-    )
+    config = localization_config(init_std, target_modules=target_modules, num_heads=num_heads, head_dim=head_dim)
     with handed_back_unchanged(model):
-        peft_model, _ = train_adapter(model, tokenizer, rows, objective, config, settings)
+        peft_model, _ = train_adapter(model, tokenizer, rows, objective, config, settings, callbacks)
         scores = head_scores(peft_model)
     info = {"objective": objective, "init_std": init_std, **settings.to_dict(), **(metadata or {})}
     info.pop("extra", None)
     return HeadSelection(scores=scores, metadata=info)
+
+
+def localization_config(init_std: float = 1e-3, **geometry) -> LoFiTConfig:
+    """Step 1's adapter: scalings A ~ N(0, init_std^2) on every head, no offsets (``geometry``: target_modules,
+    num_heads, head_dim)."""
+    return LoFiTConfig(heads=None, use_scaling=True, use_offset=False, init_weights="normal", init_std=init_std, **geometry)
 
 
 @contextmanager

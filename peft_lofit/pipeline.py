@@ -101,13 +101,7 @@ def check_heads_fit(settings: PipelineSettings, per_layer: list[int]) -> None:
     if settings.k is not None and settings.k > total:
         raise ValueError(f"--k {settings.k} is more than the model's {total} heads.")
     if settings.heads not in HEAD_CHOICES:
-        selection = HeadSelection.load(settings.heads)
-        shape = [len(row) for row in selection.scores]
-        if shape != per_layer:
-            raise ValueError(
-                f"{settings.heads} scores {len(shape)} layers x {shape[0]} heads, but the model has "
-                f"{len(per_layer)} layers x {per_layer[0]} heads: it was localized on another model."
-            )
+        HeadSelection.load(settings.heads).check_fits(per_layer, str(settings.heads))
 
 
 def heads_per_layer(model) -> list[int]:

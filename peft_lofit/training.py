@@ -7,6 +7,7 @@ the same model with the adapter disabled, which is what TRL does when it is give
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,8 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from peft import PeftConfig
+
+from .frozen_prefix import FrozenPrefixCache
 
 OBJECTIVES = ("dpo", "sft")
 
@@ -40,6 +43,7 @@ class TrainSettings:
     logging_steps: int = 5
     gradient_checkpointing: bool = False  # TRL turns it on by default; it only pays off when memory is short
     precompute_ref_log_probs: bool = True  # DPO: the reference (adapter disabled) is fixed, so score it once
+    cache_frozen_layers: bool = True  # run the frozen layers below the adapter once per sequence (frozen_prefix.py)
     extra: dict = field(default_factory=dict)  # any other TRL / Trainer argument
 
     def __post_init__(self):
@@ -127,10 +131,13 @@ class LoFiTSFTTrainer(LoFiTLossMixin, SFTTrainer):
     """TRL's SFTTrainer (prompt-completion data: loss on completion tokens only) with the L1 penalty and NaN stop."""
 
 
-def build_trainer(model, tokenizer, rows: list[dict], objective: str, peft_config: PeftConfig, settings: TrainSettings):
+def build_trainer(
+    model, tokenizer, rows: list[dict], objective: str, peft_config: PeftConfig, settings: TrainSettings, callbacks=None
+):
     """A TRL trainer that wraps ``model`` with ``peft_config`` (LoFiT, or any PEFT method) and trains on ``rows``.
 
-    ``rows`` are ``{prompt, chosen, rejected}`` for DPO and ``{prompt, completion}`` for SFT.
+    ``rows`` are ``{prompt, chosen, rejected}`` for DPO and ``{prompt, completion}`` for SFT; ``callbacks`` are
+    ``transformers.TrainerCallback``s.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
@@ -156,15 +163,17 @@ def build_trainer(model, tokenizer, rows: list[dict], objective: str, peft_confi
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
+        callbacks=callbacks,
     )
     trainer.l1_lambda = settings.l1_lambda
     return trainer
 
 
-def train_adapter(model, tokenizer, rows, objective, peft_config: PeftConfig, settings: TrainSettings):
+def train_adapter(model, tokenizer, rows, objective, peft_config: PeftConfig, settings: TrainSettings, callbacks=None):
     """Train an adapter (LoFiT, or any PEFT config) and return the PeftModel and the trainer.
 
-    ``model`` is wrapped in place (its target modules become tuner layers).
+    ``model`` is wrapped in place (its target modules become tuner layers). With ``cache_frozen_layers`` the frozen
+    layers below the lowest adapted one run once per distinct sequence (``trainer.frozen_prefix_stats`` counts it).
 
     If the loss becomes NaN/inf, the last good adapter is saved to ``{output_dir}/last_good_adapter`` and the
     FloatingPointError says where.
@@ -172,12 +181,15 @@ def train_adapter(model, tokenizer, rows, objective, peft_config: PeftConfig, se
     from .checkpoint import save_adapter
 
     torch.manual_seed(settings.seed)
-    trainer = build_trainer(model, tokenizer, rows, objective, peft_config, settings)
+    trainer = build_trainer(model, tokenizer, rows, objective, peft_config, settings, callbacks)
+    cache = FrozenPrefixCache(trainer.model) if settings.cache_frozen_layers else contextlib.nullcontext()
     try:
-        trainer.train(resume_from_checkpoint=settings.resume_from_checkpoint)
+        with cache:
+            trainer.train(resume_from_checkpoint=settings.resume_from_checkpoint)
     except FloatingPointError as error:
         kept = save_adapter(trainer.model, Path(settings.output_dir) / "last_good_adapter")
         raise FloatingPointError(f"{error} The last good adapter is saved in {kept}.") from None
+    trainer.frozen_prefix_stats = cache.stats if settings.cache_frozen_layers else None
     peft_model = trainer.model
     peft_model.eval()
     return peft_model, trainer

@@ -34,18 +34,19 @@ ARCHITECTURES = sorted(TINY_CONFIGS)
 CAN_CARRY_OFFSETS = {"llama", "llama_gqa", "gemma2", "gemma3", "gpt2", "gpt_neox", "opt"}
 
 
-def tiny_config(name: str):
+def tiny_config(name: str, **overrides):
     class_name, kwargs = TINY_CONFIGS[name]
     config_class = getattr(transformers, class_name)
     common = {} if name == "gpt2" else COMMON
     if name == "opt":
         common = {k: v for k, v in COMMON.items() if k != "intermediate_size"}
-    return config_class(**common, **kwargs, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    settings = {**common, **kwargs, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    return config_class(**{**settings, **overrides})
 
 
-def tiny_model(name: str, seed: int = 0, dtype=torch.float32):
+def tiny_model(name: str, seed: int = 0, dtype=torch.float32, **overrides):
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config(name))
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(name, **overrides))
     return model.to(dtype).eval()
 
 

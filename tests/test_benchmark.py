@@ -6,21 +6,35 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 from conftest import tiny_model, tiny_tokenizer
+
+from peft_lofit.heads import HeadSelection
 
 spec = importlib.util.spec_from_file_location("compare", Path(__file__).parents[1] / "benchmarks" / "compare.py")
 compare = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(compare)
 
 
-def test_benchmark_end_to_end_on_tiny_model(tmp_path):
+def tiny_model_folder(tmp_path) -> Path:
     model_dir = tmp_path / "tiny"
     tiny_model("llama").save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
+    return model_dir
+
+
+def layer_one_selection(tmp_path) -> Path:
+    """Scores for the tiny model (2 layers x 4 heads) whose top 2 heads are [1, 1] and [1, 3]."""
+    return HeadSelection(scores=[[0.1, 0.2, 0.3, 0.4], [0.5, 0.9, 0.6, 0.8]]).save(tmp_path / "other.json")
+
+
+def test_benchmark_end_to_end_on_tiny_model(tmp_path):
+    model_dir = tiny_model_folder(tmp_path)
     output = tmp_path / "results"
     compare.main([
         "--model", str(model_dir), "--train-limit", "8", "--eval-limit", "2", "--epochs", "1", "--localize-epochs", "1",
         "--batch-size", "4", "--fraction", "0.25", "--seeds", "1", "--methods", *compare.METHODS,
+        "--other-heads", str(layer_one_selection(tmp_path)),
         "--sweep-data", "4", "--sweep-k", "0.5", "--prefill-tokens", "16", "--decode-tokens", "4", "--repeats", "1",
         "--eval-speed-questions", "3",
         "--output", str(output),
@@ -48,6 +62,9 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path):
     assert all(r["localize_s"] > 0 for r in lofit)
     assert {r["k"] for r in lofit} == {2, 4}  # K sweep: 25% and 50% of 8 heads
     assert {r["train_rows"] for r in lofit} == {8, 4}  # data sweep
+    by_method = {r["method"]: r for r in results["rows"]}
+    assert by_method["lofit_all_heads"]["k"] == 8 and by_method["lofit_iti_heads"]["k"] == 2
+    assert by_method["lofit_other_heads"]["k"] == 2 and by_method["lofit_random"]["k"] == 2
     lora = next(r for r in results["rows"] if r["method"] == "lora_r8")
     assert lora["trainable_parameters"] == 2 * 2 * 8 * (32 + 32)  # 2 layers x (q, v) x rank 8 x (in + out)
     assert next(r for r in results["rows"] if r["method"] == "lofit")["trainable_parameters"] == 2 * 8  # K=2 x d=8
@@ -68,10 +85,33 @@ def test_summary_mean_and_spread_over_seeds():
     assert "0.400 ± 0.163" in compare.markdown_table([entry], ("mc1",))
 
 
+def test_other_heads_must_fit_the_model(tmp_path):
+    wrong = HeadSelection(scores=[[1.0, 2.0]] * 3).save(tmp_path / "wrong.json")
+    with pytest.raises(ValueError, match="scores 3 layers x 2 heads, but the model has 2 layers x 4 heads"):
+        compare.main(["--model", str(tiny_model_folder(tmp_path)), "--methods", "lofit_other_heads", "--other-heads",
+                      str(wrong), "--train-limit", "4", "--eval-limit", "1", "--skip-latency",
+                      "--eval-speed-questions", "0", "--output", str(tmp_path / "out")])
+
+
+def test_train_speed_mode(tmp_path):
+    result = compare.main([
+        "--model", str(tiny_model_folder(tmp_path)), "--train-speed-only", "--head-selection",
+        str(layer_one_selection(tmp_path)), "--fraction", "0.25", "--train-limit", "8", "--batch-size", "4",
+        "--epochs", "2", "--repeats", "1", "--output", str(tmp_path / "out"),
+    ])["train_speed"]
+    variants = result["variants"]
+    assert set(variants) == set(compare.SPEED_VARIANTS) and result["train_rows"] == 8
+    for value in variants.values():
+        assert len(value["runs"][0]["epoch_s"]) == 2 and value["epoch_s"] > 0 and value["total_s"] > 0
+    assert variants["lora_r8"]["epoch_s_vs_lora_r8"] == 1.0
+    cache = variants["lofit_step2_cached"]["runs"][0]["cache"]
+    assert (cache["misses"], cache["hits"]) == (2, 2)  # 2 steps per epoch: epoch 1 fills the cache, epoch 2 hits
+    assert variants["lofit_step2_plain"]["runs"][0]["cache"] is None
+    assert json.loads((tmp_path / "out" / "train_speed.json").read_text()) == result
+
+
 def test_latency_only_mode(tmp_path):
-    model_dir = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    model_dir = tiny_model_folder(tmp_path)
     result = compare.main(["--model", str(model_dir), "--latency-only", "--methods", "lofit", "lora_r8", "--fraction",
                            "0.25", "--prefill-tokens", "8", "--decode-tokens", "2", "--repeats", "2",
                            "--output", str(tmp_path / "out")])["latency"]

@@ -12,16 +12,16 @@ from peft_lofit.training import TrainSettings, train_adapter
 DPO_ROWS = [{"prompt": "q: ab a:", "chosen": " yes", "rejected": " no"}, {"prompt": "q: cd a:", "chosen": " b", "rejected": " c"}] * 4
 
 
-def dpo_run(tmp_path, name, **overrides):
+def dpo_run(tmp_path, name, heads=((0, 1), (1, 2)), with_trainer=False, **overrides):
+    """Two epochs of DPO on a tiny Llama; the logged losses and the trained vectors (and the trainer if asked)."""
     settings = TrainSettings(epochs=2, batch_size=4, learning_rate=1e-2, output_dir=str(tmp_path / name), logging_steps=1)
     for key, value in overrides.items():
         setattr(settings, key, value)
-    model, trainer = train_adapter(
-        tiny_model("llama"), tiny_tokenizer(), DPO_ROWS, "dpo", LoFiTConfig(heads=[[0, 1], [1, 2]]), settings
-    )
+    config = LoFiTConfig(heads=[list(head) for head in heads])
+    model, trainer = train_adapter(tiny_model("llama"), tiny_tokenizer(), DPO_ROWS, "dpo", config, settings)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     offsets = {n: p.detach().clone() for n, p in model.named_parameters() if "lofit_" in n}
-    return losses, offsets
+    return (losses, offsets, trainer) if with_trainer else (losses, offsets)
 
 
 def test_precomputed_reference_equals_reference_recomputed_each_step(tmp_path):

@@ -1,0 +1,211 @@
+"""Compute the frozen lower decoder layers once per sequence while training an adapter that lives higher up.
+
+LoFiT step 2 edits only the layers that hold a selected head. Every decoder layer below the lowest of them is frozen
+and deterministic, so the hidden state entering that layer is a fixed function of the sequence: it is the same in
+every epoch, for the policy and for the DPO reference (adapter disabled). ``FrozenPrefixCache`` exploits both facts:
+
+- *truncated back-propagation*: the hidden state leaving the frozen part is detached, so no graph is kept below it;
+- *cached lower layers*: the first time a sequence is seen its hidden state at the boundary is stored (per real
+  token); afterwards the frozen layers are skipped for any batch whose sequences are all cached.
+
+A sequence is identified by its real tokens and their positions, so the cache is independent of how batches are
+padded (left or right) or shuffled: a real token only attends to real tokens at earlier positions. The results equal
+the plain forward up to float rounding (tested: losses, gradients and whole training runs).
+
+The cache is used only while it is exact: nothing trainable and no PEFT layer below the boundary (checked on entry),
+and no active dropout there (checked per batch; such batches run the plain path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .architectures import text_config
+
+
+def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """The decoder stack (the module that loops over the layers) and its ``ModuleList`` of layers."""
+    config = text_config(getattr(model, "config", None))
+    num_layers = getattr(config, "num_hidden_layers", None)
+    for stack in model.modules():
+        for child in stack.children():
+            if isinstance(child, nn.ModuleList) and len(child) == num_layers:
+                return stack, child
+    raise ValueError(
+        f"Cannot find the decoder layers of {type(model).__name__}: no ModuleList of config.num_hidden_layers="
+        f"{num_layers} modules."
+    )
+
+
+def first_trainable_layer(layers: nn.ModuleList) -> Optional[int]:
+    """Index of the lowest layer with a trainable parameter (None when no layer has one)."""
+    for index, layer in enumerate(layers):
+        if any(p.requires_grad for p in layer.parameters()):
+            return index
+    return None
+
+
+def _is_stochastic(module: nn.Module) -> bool:
+    """Dropout modules, and modules that apply dropout themselves from a float attribute (OPT's ``dropout``,
+    Llama's ``attention_dropout``)."""
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p > 0
+    return any(isinstance(v, float) and v > 0 for k, v in vars(module).items() if "dropout" in k)
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0  # batches that skipped the frozen layers
+    misses: int = 0  # batches that ran them (and cached their sequences)
+    bypassed: int = 0  # batches that ran the plain path (dropout active, no input_ids, ...)
+    cached_sequences: int = 0
+    cached_bytes: int = 0
+
+
+class FrozenPrefixCache:
+    """Context manager: while active, ``model``'s layers below ``boundary`` run once per distinct sequence.
+
+    ``boundary`` defaults to the lowest layer with a trainable parameter. ``max_bytes`` bounds the memory the cached
+    hidden states take (on the model's device); past it, new sequences run the plain path. Where the cache could not
+    be exact (boundary 0, something trainable or a PEFT layer below it) the context does nothing and
+    ``inactive_reason`` says why.
+    """
+
+    def __init__(self, model: nn.Module, boundary: Optional[int] = None, max_bytes: int = 4 * 2**30):
+        self.stack, self.layers = decoder_layers(model)
+        self.boundary = first_trainable_layer(self.layers) if boundary is None else boundary
+        self.max_bytes = max_bytes
+        self.stats = CacheStats()
+        self._store: dict[bytes, torch.Tensor] = {}
+        self._batch: Optional[dict] = None  # per-batch state set by the stack's pre-hook
+        self._hooks: list = []
+        self._output_len: Optional[int] = None  # layers returning tuples: their length (None = a plain tensor)
+        self._check_exactness(model)
+
+    @property
+    def active(self) -> bool:
+        return self.inactive_reason is None
+
+    def _check_exactness(self, model: nn.Module) -> None:
+        """Switch the cache off (with ``inactive_reason``) unless the layers below the boundary are a fixed function."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.inactive_reason = None
+        self._stochastic = []
+        if not self.boundary:
+            self.inactive_reason = "something trainable is in the first decoder layer"
+            return
+        lower = list(self.layers[: self.boundary])
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if any(p.requires_grad for part in lower + [embedding] if part is not None for p in part.parameters()):
+            self.inactive_reason = f"layers below {self.boundary} or the input embeddings are trainable"
+        elif any(isinstance(m, BaseTunerLayer) for part in lower for m in part.modules()):
+            self.inactive_reason = f"layers below {self.boundary} hold PEFT layers, which can be switched on and off"
+        else:
+            self._stochastic = [m for part in lower for m in part.modules() if _is_stochastic(m)]
+
+    # ---- installation ----------------------------------------------------------------------------------------------
+
+    def __enter__(self) -> "FrozenPrefixCache":
+        if self.active:
+            self._hooks.append(self.stack.register_forward_pre_hook(self._start_batch, with_kwargs=True))
+            self._hooks.append(self.stack.register_forward_hook(self._end_batch))
+            for index, layer in enumerate(self.layers[: self.boundary]):
+                layer.forward = self._wrapped_forward(index, layer.forward)  # instance attribute shadows the method
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        for layer in self.layers[: self.boundary]:
+            layer.__dict__.pop("forward", None)
+        self._batch = None
+
+    # ---- per batch -------------------------------------------------------------------------------------------------
+
+    def _start_batch(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        stochastic = any(m.training for m in self._stochastic)
+        mask = kwargs.get("attention_mask")
+        custom_mask = mask is not None and mask.dim() != 2  # 4-D masks: positions are not a padding pattern
+        if input_ids is None or kwargs.get("inputs_embeds") is not None or stochastic or custom_mask or _has_past(kwargs):
+            self._batch = None
+            self.stats.bypassed += 1
+            return
+        keys, real = _sequence_keys(input_ids, mask, kwargs.get("position_ids"))
+        hit = all(key in self._store for key in keys)
+        self._batch = {"keys": keys, "real": real, "hit": hit}
+        self.stats.hits += hit
+        self.stats.misses += not hit
+
+    def _end_batch(self, module, args, output):
+        self._batch = None
+
+    def _wrapped_forward(self, index: int, forward):
+        last = index == self.boundary - 1
+
+        def forward_with_cache(hidden_states, *args, **kwargs):
+            batch = self._batch
+            if batch is None:
+                return forward(hidden_states, *args, **kwargs)
+            if batch["hit"]:
+                if not last:
+                    return self._as_layer_output(hidden_states)  # skipped: the last frozen layer returns the cache
+                return self._as_layer_output(self._assemble(hidden_states, batch, hidden_states.requires_grad))
+            output = forward(hidden_states, *args, **kwargs)
+            if not last:
+                return output
+            self._output_len = len(output) if isinstance(output, tuple) else None
+            hidden = output[0] if isinstance(output, tuple) else output
+            self._remember(hidden, batch)
+            boundary_state = hidden.detach().requires_grad_(hidden_states.requires_grad)  # no graph below
+            return self._as_layer_output(boundary_state)
+
+        return forward_with_cache
+
+    def _as_layer_output(self, hidden: torch.Tensor):
+        return hidden if self._output_len is None else (hidden,) + (None,) * (self._output_len - 1)
+
+    def _remember(self, hidden: torch.Tensor, batch: dict) -> None:
+        for row, (key, real) in enumerate(zip(batch["keys"], batch["real"])):
+            if key in self._store:
+                continue
+            state = hidden[row, real].detach().clone()  # (n_real, hidden_size)
+            size = state.numel() * state.element_size()
+            if self.stats.cached_bytes + size > self.max_bytes:
+                return
+            self._store[key] = state
+            self.stats.cached_sequences += 1
+            self.stats.cached_bytes += size
+
+    def _assemble(self, like: torch.Tensor, batch: dict, requires_grad: bool) -> torch.Tensor:
+        """The boundary hidden state of the batch, (B, T, hidden_size); padding positions are zero (masked)."""
+        state = like.new_zeros(like.shape)
+        for row, (key, real) in enumerate(zip(batch["keys"], batch["real"])):
+            state[row, real] = self._store[key].to(state.dtype)
+        return state.requires_grad_(requires_grad)
+
+
+def _has_past(kwargs: dict) -> bool:
+    """A forward that continues from a KV cache (generation) has positions the keys cannot describe."""
+    past = kwargs.get("past_key_values", kwargs.get("cache"))
+    return past is not None and getattr(past, "get_seq_length", lambda: 0)() > 0
+
+
+def _sequence_keys(input_ids: torch.Tensor, attention_mask, position_ids) -> tuple[list[bytes], list[torch.Tensor]]:
+    """Per row: a key made of the real tokens and their positions, and the boolean mask of the real tokens."""
+    ids = input_ids.detach().cpu()
+    mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
+    positions = None if position_ids is None else position_ids.detach().cpu().expand_as(ids)
+    keys, real = [], []
+    for row in range(ids.shape[0]):
+        where = mask[row]
+        index = torch.nonzero(where).flatten() if positions is None else positions[row][where]
+        keys.append(ids[row][where].numpy().tobytes() + b"|" + index.numpy().tobytes())
+        real.append(where.to(input_ids.device))
+    return keys, real
