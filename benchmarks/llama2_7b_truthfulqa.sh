@@ -17,6 +17,6 @@ if [[ ${STEP:-all} != bench ]]; then
 fi
 if [[ ${STEP:-all} != run ]]; then
   python benchmarks/compare.py --model "$MODEL" --task truthfulqa --fold 0 --fraction 0.03125 --lofit-lr 1e-2 \
-    "${PAPER[@]}" --methods base lofit lofit_random lofit_iti_heads iti repe lora_r8 --seeds 42 1 2 \
-    --extra-seed-methods --iti-alpha 15 --head-selection "$OUT/run/head_selection.json" --output "$OUT/benchmark"
+    "${PAPER[@]}" --methods base lofit lofit_random lofit_iti_heads iti repe lora_r8 --seeds 42 \
+    --extra-seeds 1 2 --extra-seed-methods lofit lofit_random lofit_iti_heads lora_r8 --iti-alpha 15 --head-selection "$OUT/run/head_selection.json" --output "$OUT/benchmark"
 fi
