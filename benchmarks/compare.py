@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import platform
 import statistics
 import tempfile
@@ -42,8 +43,6 @@ METHODS = (
     "ia3", "iti", "repe",
 )
 COMPUTED = ("iti", "repe")  # offsets computed from activations (TruthfulQA only), nothing trained
-# Step 2 on another head set (the ablations): every K heads, ITI's probe heads, heads localized on --other-heads' task.
-HEAD_ABLATIONS = ("lofit_random", "lofit_all_heads", "lofit_iti_heads", "lofit_other_heads")
 ROW_FIELDS = (
     "method", "seed", "train_rows", "k", "trainable_parameters", "adapter_bytes", "localize_s", "train_s",
     "step_s", "steps", "localize_peak_memory_mb", "peak_memory_mb", "metrics", "latency",
@@ -190,6 +189,7 @@ def training_speed(args) -> dict:
             timer = EpochTimer()
             settings = train_settings(args, args.seeds[0], Path(args.output) / "tmp", args.lofit_lr)
             start = time.perf_counter()
+            found = trainer = None
             with PeakMemory() as memory:
                 if variant == "lofit_step1":
                     settings.learning_rate, settings.l1_lambda = args.localize_lr, args.l1
@@ -207,6 +207,10 @@ def training_speed(args) -> dict:
                     stats = trainer.frozen_prefix_stats
             runs[variant].append({"total_s": time.perf_counter() - start, "epoch_s": timer.epoch_s,
                                   "peak_memory_mb": memory.peak_mb, "cache": vars(stats) if stats else None})
+            del model, found, trainer  # free this variant before the next one loads
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             print(f"round {round_index + 1} {variant}: epochs {[round(t, 1) for t in timer.epoch_s]} s", flush=True)
     result = {"train_rows": len(rows), "epochs": args.epochs, "repeats": args.repeats, "variants": {}}
     for variant, measured in runs.items():
@@ -340,9 +344,9 @@ def heads_for(method, args, model, tokenizer, rows, task, seed, train_limit, k, 
         selection.check_fits(layout, args.other_heads)
         return selection.top(k)
     if method == "lofit_iti_heads":
-        if "iti" not in cache:
-            cache["iti"] = iti_probe_data(model, tokenizer, args, train_limit)
-        return cache["iti"][0].top(k)
+        if ("iti", train_limit) not in cache:
+            cache["iti", train_limit] = iti_probe_data(model, tokenizer, args, train_limit)
+        return cache["iti", train_limit][0].top(k)
     key = "file" if args.head_selection else (seed, train_limit)
     if key not in cache:
         if args.head_selection:
@@ -382,9 +386,9 @@ def computed_adapter(method: str, model, tokenizer, args, k: int, limit: Optiona
     from peft_lofit.tasks.truthfulqa import load_truthfulqa
 
     if method == "iti":
-        if "iti" not in cache:
-            cache["iti"] = iti_probe_data(model, tokenizer, args, limit)
-        selection, train_x, train_y = cache["iti"]
+        if ("iti", limit) not in cache:
+            cache["iti", limit] = iti_probe_data(model, tokenizer, args, limit)
+        selection, train_x, train_y = cache["iti", limit]
         offsets = baselines.iti_offsets(train_x, train_y, selection.top(max(1, k)), args.iti_alpha)
         return baselines.adapter_with_offsets(model, offsets)
     train = load_truthfulqa("train", fold=args.fold, data_dir=args.data_dir)[:limit]

@@ -12,8 +12,10 @@ A sequence is identified by its real tokens and their positions, so the cache is
 padded (left or right) or shuffled: a real token only attends to real tokens at earlier positions. The results equal
 the plain forward up to float rounding (tested: losses, gradients and whole training runs).
 
-The cache is used only while it is exact: nothing trainable and no PEFT layer below the boundary (checked on entry),
-and no active dropout there (checked per batch; such batches run the plain path).
+The cache is used only while it is exact: nothing trainable and no PEFT module outside the layers from the boundary
+up (checked on entry), and per batch no active dropout there, no KV cache (generation), no ``inputs_embeds`` and no
+request for per-layer hidden states or attentions (such batches run the plain path). Under FSDP / DeepSpeed ZeRO-3,
+where ranks must run the same layers, ``train_adapter`` does not use it.
 """
 
 from __future__ import annotations
@@ -49,12 +51,19 @@ def first_trainable_layer(layers: nn.ModuleList) -> Optional[int]:
     return None
 
 
+_RANDOM_ATTRIBUTES = ("dropout", "layerdrop", "jitter")  # float rates some modules apply themselves
+
+
 def _is_stochastic(module: nn.Module) -> bool:
-    """Dropout modules, and modules that apply dropout themselves from a float attribute (OPT's ``dropout``,
-    Llama's ``attention_dropout``)."""
+    """Dropout modules, and modules that draw random numbers from a float attribute in training (OPT's ``dropout`` and
+    ``layerdrop``, Llama's ``attention_dropout``, Mixtral's ``jitter_noise``)."""
     if isinstance(module, nn.modules.dropout._DropoutNd):
         return module.p > 0
-    return any(isinstance(v, float) and v > 0 for k, v in vars(module).items() if "dropout" in k)
+    return any(
+        isinstance(value, float) and value > 0
+        for name, value in vars(module).items()
+        if any(word in name for word in _RANDOM_ATTRIBUTES)
+    )
 
 
 @dataclass
@@ -76,37 +85,50 @@ class FrozenPrefixCache:
     """
 
     def __init__(self, model: nn.Module, boundary: Optional[int] = None, max_bytes: int = 4 * 2**30):
-        self.stack, self.layers = decoder_layers(model)
-        self.boundary = first_trainable_layer(self.layers) if boundary is None else boundary
         self.max_bytes = max_bytes
         self.stats = CacheStats()
         self._store: dict[bytes, torch.Tensor] = {}
         self._batch: Optional[dict] = None  # per-batch state set by the stack's pre-hook
         self._hooks: list = []
+        self._shadowed: dict[int, object] = {}  # layer index -> the instance `forward` it had before (if any)
         self._output_len: Optional[int] = None  # layers returning tuples: their length (None = a plain tensor)
-        self._check_exactness(model)
+        self._stochastic: list[nn.Module] = []
+        try:
+            self.stack, self.layers = decoder_layers(model)
+        except ValueError as error:
+            self.boundary, self.inactive_reason = 0, str(error)
+            return
+        self.boundary = first_trainable_layer(self.layers) if boundary is None else boundary
+        self.inactive_reason = self._why_not_exact(model)
 
     @property
     def active(self) -> bool:
         return self.inactive_reason is None
 
-    def _check_exactness(self, model: nn.Module) -> None:
-        """Switch the cache off (with ``inactive_reason``) unless the layers below the boundary are a fixed function."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        self.inactive_reason = None
-        self._stochastic = []
-        if not self.boundary:
-            self.inactive_reason = "something trainable is in the first decoder layer"
-            return
-        lower = list(self.layers[: self.boundary])
+    def _frozen_part(self, model: nn.Module) -> list[nn.Module]:
+        """Every module that can influence the boundary state: the decoder stack without the layers from the boundary
+        up, and the input embeddings (conservatively, the final norm of the stack is included)."""
+        upper = {id(m) for layer in self.layers[self.boundary :] for m in layer.modules()}
         embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        if any(p.requires_grad for part in lower + [embedding] if part is not None for p in part.parameters()):
-            self.inactive_reason = f"layers below {self.boundary} or the input embeddings are trainable"
-        elif any(isinstance(m, BaseTunerLayer) for part in lower for m in part.modules()):
-            self.inactive_reason = f"layers below {self.boundary} hold PEFT layers, which can be switched on and off"
-        else:
-            self._stochastic = [m for part in lower for m in part.modules() if _is_stochastic(m)]
+        modules = [m for m in self.stack.modules() if id(m) not in upper]
+        return modules + (list(embedding.modules()) if embedding is not None else [])
+
+    def _why_not_exact(self, model: nn.Module) -> Optional[str]:
+        """None when the part below the boundary is a fixed function during training; otherwise the reason."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        if self.boundary is None:
+            return "nothing in the decoder layers is trainable"
+        if self.boundary == 0:
+            return "something trainable is in the first decoder layer"
+        frozen = self._frozen_part(model)
+        if any(p.requires_grad for m in frozen for p in m.parameters(recurse=False)):
+            return f"parameters outside layers {self.boundary}+ (embeddings, lower layers, stack) are trainable"
+        if any(isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper)) for m in frozen):
+            return f"PEFT modules outside layers {self.boundary}+ can be switched on and off"
+        self._stochastic = [m for m in frozen if _is_stochastic(m)]
+        return None
 
     # ---- installation ----------------------------------------------------------------------------------------------
 
@@ -115,16 +137,24 @@ class FrozenPrefixCache:
             self._hooks.append(self.stack.register_forward_pre_hook(self._start_batch, with_kwargs=True))
             self._hooks.append(self.stack.register_forward_hook(self._end_batch))
             for index, layer in enumerate(self.layers[: self.boundary]):
+                if "forward" in layer.__dict__:
+                    self._shadowed[index] = layer.__dict__["forward"]
                 layer.forward = self._wrapped_forward(index, layer.forward)  # instance attribute shadows the method
         return self
 
     def __exit__(self, *exc) -> None:
+        if not self.active:
+            return
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        for layer in self.layers[: self.boundary]:
-            layer.__dict__.pop("forward", None)
+        for index, layer in enumerate(self.layers[: self.boundary]):
+            if index in self._shadowed:
+                layer.forward = self._shadowed.pop(index)
+            else:
+                layer.__dict__.pop("forward", None)
         self._batch = None
+        self._store.clear()  # the statistics stay
 
     # ---- per batch -------------------------------------------------------------------------------------------------
 
@@ -133,7 +163,15 @@ class FrozenPrefixCache:
         stochastic = any(m.training for m in self._stochastic)
         mask = kwargs.get("attention_mask")
         custom_mask = mask is not None and mask.dim() != 2  # 4-D masks: positions are not a padding pattern
-        if input_ids is None or kwargs.get("inputs_embeds") is not None or stochastic or custom_mask or _has_past(kwargs):
+        if (
+            input_ids is None
+            or kwargs.get("inputs_embeds") is not None
+            or stochastic
+            or custom_mask
+            or _uses_kv_cache(kwargs)
+            or kwargs.get("output_hidden_states")
+            or kwargs.get("output_attentions")
+        ):
             self._batch = None
             self.stats.bypassed += 1
             return
@@ -175,33 +213,32 @@ class FrozenPrefixCache:
         for row, (key, real) in enumerate(zip(batch["keys"], batch["real"])):
             if key in self._store:
                 continue
-            state = hidden[row, real].detach().clone()  # (n_real, hidden_size)
-            size = state.numel() * state.element_size()
+            size = int(real.sum()) * hidden.shape[-1] * hidden.element_size()
             if self.stats.cached_bytes + size > self.max_bytes:
                 return
-            self._store[key] = state
+            self._store[key] = hidden[row, real].detach().clone()  # (n_real, hidden_size)
             self.stats.cached_sequences += 1
             self.stats.cached_bytes += size
 
     def _assemble(self, like: torch.Tensor, batch: dict, requires_grad: bool) -> torch.Tensor:
         """The boundary hidden state of the batch, (B, T, hidden_size); padding positions are zero (masked)."""
-        state = like.new_zeros(like.shape)
-        for row, (key, real) in enumerate(zip(batch["keys"], batch["real"])):
-            state[row, real] = self._store[key].to(state.dtype)
+        stored = [self._store[key] for key in batch["keys"]]
+        state = like.new_zeros(like.shape, dtype=stored[0].dtype)  # the dtype layer boundary-1 returned
+        for row, (cached, real) in enumerate(zip(stored, batch["real"])):
+            state[row, real] = cached
         return state.requires_grad_(requires_grad)
 
 
-def _has_past(kwargs: dict) -> bool:
-    """A forward that continues from a KV cache (generation) has positions the keys cannot describe."""
-    past = kwargs.get("past_key_values", kwargs.get("cache"))
-    return past is not None and getattr(past, "get_seq_length", lambda: 0)() > 0
+def _uses_kv_cache(kwargs: dict) -> bool:
+    """Generation passes a KV cache that every layer must fill, so skipped layers would leave it incomplete."""
+    return kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None
 
 
 def _sequence_keys(input_ids: torch.Tensor, attention_mask, position_ids) -> tuple[list[bytes], list[torch.Tensor]]:
     """Per row: a key made of the real tokens and their positions, and the boolean mask of the real tokens."""
-    ids = input_ids.detach().cpu()
+    ids = input_ids.detach().cpu().long()
     mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
-    positions = None if position_ids is None else position_ids.detach().cpu().expand_as(ids)
+    positions = None if position_ids is None else position_ids.detach().cpu().long().expand_as(ids)
     keys, real = [], []
     for row in range(ids.shape[0]):
         where = mask[row]

@@ -182,14 +182,16 @@ def train_adapter(model, tokenizer, rows, objective, peft_config: PeftConfig, se
 
     torch.manual_seed(settings.seed)
     trainer = build_trainer(model, tokenizer, rows, objective, peft_config, settings, callbacks)
-    cache = FrozenPrefixCache(trainer.model) if settings.cache_frozen_layers else contextlib.nullcontext()
+    sharded = getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
+    use_cache = settings.cache_frozen_layers and not sharded  # sharded ranks must all run the same layers
+    cache = FrozenPrefixCache(trainer.model) if use_cache else contextlib.nullcontext()
     try:
         with cache:
             trainer.train(resume_from_checkpoint=settings.resume_from_checkpoint)
     except FloatingPointError as error:
         kept = save_adapter(trainer.model, Path(settings.output_dir) / "last_good_adapter")
         raise FloatingPointError(f"{error} The last good adapter is saved in {kept}.") from None
-    trainer.frozen_prefix_stats = cache.stats if settings.cache_frozen_layers else None
+    trainer.frozen_prefix_stats = cache.stats if use_cache else None
     peft_model = trainer.model
     peft_model.eval()
     return peft_model, trainer

@@ -105,19 +105,67 @@ def test_the_cache_stays_off_where_it_could_not_be_exact():
     low = get_peft_model(tiny_model("llama", num_hidden_layers=4), LoFiTConfig(heads=[[0, 1], [3, 0]]))
     assert "first decoder layer" in FrozenPrefixCache(low).inactive_reason
 
-    base = tiny_model("llama", num_hidden_layers=4)
-    base.get_input_embeddings().weight.requires_grad_(True)
-    assert "trainable" in FrozenPrefixCache(base, boundary=2).inactive_reason
+    base = tiny_model("llama", num_hidden_layers=4).requires_grad_(False)
+    assert "nothing in the decoder layers is trainable" in FrozenPrefixCache(base).inactive_reason
+    base.model.layers[3].requires_grad_(True)
+    assert FrozenPrefixCache(base).active
+    base.get_input_embeddings().weight.requires_grad_(True)  # only the embeddings below the boundary
+    assert "are trainable" in FrozenPrefixCache(base).inactive_reason
+
+    gpt2 = tiny_model("gpt2", n_layer=4).requires_grad_(False)
+    gpt2.transformer.h[3].requires_grad_(True)
+    gpt2.transformer.wpe.weight.requires_grad_(True)  # position embeddings: in the stack, not in a layer
+    assert "are trainable" in FrozenPrefixCache(gpt2).inactive_reason
 
     stacked = get_peft_model(tiny_model("llama", num_hidden_layers=4), LoFiTConfig(heads=[[0, 1]]), adapter_name="old")
     stacked.add_adapter("new", LoFiTConfig(heads=HEADS))
     stacked.set_adapter("new")  # "old" (layer 0) is frozen but could be switched back on
-    assert "PEFT layers" in FrozenPrefixCache(stacked).inactive_reason
+    assert "PEFT modules" in FrozenPrefixCache(stacked).inactive_reason
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])  # a float attribute, a float attribute, nn.Dropout
-def test_batches_with_active_dropout_run_the_plain_path(family):
-    dropout = {"llama": {"attention_dropout": 0.5}, "opt": {"dropout": 0.5}, "gpt2": {"resid_pdrop": 0.5}}[family]
+def test_exit_restores_forwards_that_were_there_before():
+    model = four_layer_model("llama")
+    layers = model.base_model.model.model.layers
+    marker = layers[0].forward  # e.g. what accelerate's hooks install as an instance attribute
+    layers[0].forward = marker
+    with FrozenPrefixCache(model):
+        assert layers[0].forward is not marker
+    assert layers[0].__dict__["forward"] is marker and "forward" not in layers[1].__dict__
+    frozen = tiny_model("llama", num_hidden_layers=4).requires_grad_(False)  # inactive: nothing to touch
+    frozen.model.layers[2].forward = marker
+    with FrozenPrefixCache(frozen):
+        pass
+    assert frozen.model.layers[2].__dict__["forward"] is marker
+
+
+def test_generation_and_hidden_state_requests_run_the_plain_path():
+    model = four_layer_model("llama").eval()
+    prompt = torch.tensor([[5, 6, 7, 8, 9]])
+    settings = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    plain = model.generate(prompt, **settings)
+    with FrozenPrefixCache(model) as cache:
+        model(input_ids=prompt)  # the prompt is cached; generation must still fill every layer's KV cache
+        generated = [model.generate(prompt, **settings) for _ in range(2)]
+        hidden = model(input_ids=prompt, output_hidden_states=True).hidden_states
+    assert cache.stats.hits == 0
+    for run in generated:
+        assert torch.equal(run.sequences, plain.sequences)
+        torch.testing.assert_close(torch.stack(run.logits), torch.stack(plain.logits), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.stack(hidden), torch.stack(model(input_ids=prompt, output_hidden_states=True).hidden_states))
+
+
+NO_GPT2_DROPOUT = dict(resid_pdrop=0.0, attn_pdrop=0.0, embd_pdrop=0.0)
+DROPOUT = {
+    "llama_attention": ("llama", {"attention_dropout": 0.5}),  # a float attribute of the attention module
+    "opt_layerdrop": ("opt", {"dropout": 0.0, "attention_dropout": 0.0, "layerdrop": 0.5}),  # of the decoder stack
+    "gpt2_residual": ("gpt2", {**NO_GPT2_DROPOUT, "resid_pdrop": 0.5}),  # nn.Dropout in a layer
+    "gpt2_embeddings": ("gpt2", {**NO_GPT2_DROPOUT, "embd_pdrop": 0.5}),  # nn.Dropout in the stack, below layer 0
+}
+
+
+@pytest.mark.parametrize("case", sorted(DROPOUT))
+def test_batches_with_active_dropout_run_the_plain_path(case):
+    family, dropout = DROPOUT[case]
     depth = {"n_layer": 4} if family == "gpt2" else {"num_hidden_layers": 4}
     model = get_peft_model(tiny_model(family, **depth, **dropout), LoFiTConfig(heads=HEADS)).train()
     ids, mask = padded([[5, 6, 7, 8]], "right")
