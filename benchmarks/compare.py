@@ -3,6 +3,10 @@
     python benchmarks/compare.py                                   # SmolLM2-135M-Instruct, TruthfulQA fold 0
     python benchmarks/compare.py --methods lofit lora_r8 --seeds 1 2 3 --eval-limit 100
     python benchmarks/compare.py --sweep-data 16 32 64 128 0 --sweep-k 0.01 0.03 0.1 0.2
+    python benchmarks/compare.py --methods lofit_all_heads lofit_iti_heads lofit_other_heads iti repe \
+        --other-heads mquake_heads.json                            # head-selection ablations and baselines
+    python benchmarks/compare.py --train-speed-only --head-selection heads.json   # seconds per epoch vs LoRA r8
+    python benchmarks/compare.py --combine a/results.json b/results.json          # one table from several runs
 
 Writes ``results.json``, ``results.md`` and PNG plots to ``--output`` (default ``benchmarks/results``). Every row
 has: trainable parameters, adapter file size, training wall time (localization and training separately for
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import platform
 import statistics
 import tempfile
@@ -542,8 +547,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only inference latency of untrained adapters of --methods, round-robin over --repeats")
     parser.add_argument("--train-speed-only", action="store_true",
                         help="only seconds per epoch of LoFiT step 1, LoRA r8 and step 2 (plain / cached), round-robin")
+    parser.add_argument("--combine", nargs="+", default=None, metavar="RESULTS_JSON",
+                        help="only merge the rows of earlier results.json files (same task) into one table, "
+                             "written to --output/combined.md")
     parser.add_argument("--output", default="benchmarks/results")
     return parser
+
+
+def combine(files: list[str], metrics: tuple[str, ...], output: Path) -> str:
+    """One table from the rows of several runs (e.g. the headline run and an ablation run with the same settings)."""
+    rows, commands = [], []
+    for file in files:
+        results = json.loads(Path(file).read_text())
+        rows += [row for row in results["rows"] if row["metrics"]]
+        commands.append(f"- `{results['command']}` ({results['date']})")
+    table = markdown_table(summarize(rows, metrics), metrics)
+    atomic_write_text(output / "combined.md", "Rows from:\n" + "\n".join(commands) + f"\n\n{table}\n")
+    return table
 
 
 def main(argv=None) -> dict:
@@ -553,6 +573,10 @@ def main(argv=None) -> dict:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     task = get_task(args.task)
+    if args.combine:
+        table = combine(args.combine, task.metrics, output)
+        print(table)
+        return {"combined": table}
     if args.latency_only:
         result = interleaved_latency(args, args.methods)
         atomic_write_json(output / "latency.json", result)

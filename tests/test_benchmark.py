@@ -71,6 +71,9 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path):
     assert (output / "results.md").read_text().count("\n|") >= len(results["summary"])
     assert (output / "mc1_vs_parameters.png").is_file() and (output / "lofit_mc1_vs_k.png").is_file()
     assert (output / "lofit_mc1_vs_data.png").is_file()
+    table = compare.main(["--combine", str(output / "results.json"), str(output / "results.json"), "--output", str(output)])
+    assert table["combined"].count("\n|") == len(results["summary"]) + 1  # rows of one method/size/K merged
+    assert "| lofit | 8 | 2 | 2 |" in table["combined"]  # two copies of seed 1 -> 2 seeds
 
 
 def test_summary_mean_and_spread_over_seeds():
