@@ -463,8 +463,24 @@ def markdown_table(summary: list[dict], metrics: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+def sweep_curves(summary: list[dict], field: str, metric: str) -> dict[str, list[tuple]]:
+    """Per method, the ``(x, mean, std)`` points of a sweep over ``field`` ("train_rows" or "k") with the other
+    field held at the value that has the most points; methods with fewer than 2 points are left out."""
+    other = "k" if field == "train_rows" else "train_rows"
+    curves = {}
+    for method in sorted({e["method"] for e in summary}):
+        groups: dict = {}
+        for e in summary:
+            if e["method"] == method and e[field]:
+                groups.setdefault(e[other], []).append((e[field], e[metric], e[f"{metric}_std"]))
+        points = max(groups.values(), key=len, default=[])
+        if len(points) >= 2:
+            curves[method] = sorted(points)
+    return curves
+
+
 def plot(summary: list[dict], metric: str, output: Path) -> list[str]:
-    """metric vs trained numbers (all runs), metric vs training rows and vs K where sweeps ran."""
+    """metric vs trained numbers (all runs); metric vs training rows and vs K (one line per method) where sweeps ran."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -487,20 +503,26 @@ def plot(summary: list[dict], metric: str, output: Path) -> list[str]:
     figure.savefig(output / f"{metric}_vs_parameters.png", dpi=100)
     plt.close(figure)
     written.append(f"{metric}_vs_parameters.png")
-    for field, name in (("train_rows", "data"), ("k", "k")):
-        for method in sorted({e["method"] for e in summary}):
-            points = sorted((e[field], e[metric]) for e in summary if e["method"] == method and e[field])
-            if len({x for x, _ in points}) < 2:
-                continue
-            figure, axes = plt.subplots(figsize=(5, 3.5))
-            axes.plot([x for x, _ in points], [y for _, y in points], marker="o")
-            axes.set_xlabel("training rows" if field == "train_rows" else "K (heads)")
-            axes.set_ylabel(metric)
-            axes.set_title(f"{method}: {metric} against {'training data' if name == 'data' else 'K'}")
-            figure.tight_layout()
-            figure.savefig(output / f"{method}_{metric}_vs_{name}.png", dpi=100)
-            plt.close(figure)
-            written.append(f"{method}_{metric}_vs_{name}.png")
+    for field, name, label in (("train_rows", "data", "training rows"), ("k", "k", "K (heads trained)")):
+        curves = sweep_curves(summary, field, metric)
+        if not curves:
+            continue
+        figure, axes = plt.subplots(figsize=(5.5, 3.8))
+        for method, points in curves.items():
+            xs, ys, errors = zip(*points)
+            axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=method)
+        base = [e[metric] for e in summary if e["method"] == "base"]
+        if base:
+            axes.axhline(base[0], color="grey", linestyle="--", label="base")
+        axes.set_xscale("log", base=2)
+        axes.set_xlabel(f"{label} (log)")
+        axes.set_ylabel(metric)
+        axes.set_title(f"{metric} against {'training data' if name == 'data' else 'K'}")
+        axes.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(output / f"{metric}_vs_{name}.png", dpi=100)
+        plt.close(figure)
+        written.append(f"{metric}_vs_{name}.png")
     return written
 
 
@@ -555,13 +577,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def combine(files: list[str], metrics: tuple[str, ...], output: Path) -> str:
-    """One table from the rows of several runs (e.g. the headline run and an ablation run with the same settings)."""
+    """One table (and the plots) from the rows of several runs, e.g. a headline run and an ablation run with the same
+    settings."""
     rows, commands = [], []
     for file in files:
         results = json.loads(Path(file).read_text())
         rows += [row for row in results["rows"] if row["metrics"]]
         commands.append(f"- `{results['command']}` ({results['date']})")
-    table = markdown_table(summarize(rows, metrics), metrics)
+    summary = summarize(rows, metrics)
+    table = markdown_table(summary, metrics)
+    for metric in metrics[:2]:
+        plot(summary, metric, output)
     atomic_write_text(output / "combined.md", "Rows from:\n" + "\n".join(commands) + f"\n\n{table}\n")
     return table
 

@@ -69,8 +69,7 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path):
     assert lora["trainable_parameters"] == 2 * 2 * 8 * (32 + 32)  # 2 layers x (q, v) x rank 8 x (in + out)
     assert next(r for r in results["rows"] if r["method"] == "lofit")["trainable_parameters"] == 2 * 8  # K=2 x d=8
     assert (output / "results.md").read_text().count("\n|") >= len(results["summary"])
-    assert (output / "mc1_vs_parameters.png").is_file() and (output / "lofit_mc1_vs_k.png").is_file()
-    assert (output / "lofit_mc1_vs_data.png").is_file()
+    assert all((output / f"mc1_vs_{name}.png").is_file() for name in ("parameters", "k", "data"))
     table = compare.main(["--combine", str(output / "results.json"), str(output / "results.json"), "--output", str(output)])
     assert table["combined"].count("\n|") == len(results["summary"]) + 1  # rows of one method/size/K merged
     assert "| lofit | 8 | 2 | 2 |" in table["combined"]  # two copies of seed 1 -> 2 seeds
@@ -111,6 +110,17 @@ def test_train_speed_mode(tmp_path):
     assert (cache["misses"], cache["hits"]) == (2, 2)  # 2 steps per epoch: epoch 1 fills the cache, epoch 2 hits
     assert variants["lofit_step2_plain"]["runs"][0]["cache"] is None
     assert json.loads((tmp_path / "out" / "train_speed.json").read_text()) == result
+
+
+def test_sweep_curves_hold_the_other_field_fixed():
+    def entry(method, rows, k, mc1):
+        return dict(method=method, train_rows=rows, k=k, mc1=mc1, mc1_std=0.0)
+
+    summary = [entry("lofit", 16, 8, 0.1), entry("lofit", 32, 8, 0.2), entry("lofit", 32, 4, 0.3),
+               entry("lofit", 32, 16, 0.4), entry("lora_r8", 16, None, 0.5), entry("lora_r8", 32, None, 0.6)]
+    assert compare.sweep_curves(summary, "train_rows", "mc1") == {
+        "lofit": [(16, 0.1, 0.0), (32, 0.2, 0.0)], "lora_r8": [(16, 0.5, 0.0), (32, 0.6, 0.0)]}
+    assert compare.sweep_curves(summary, "k", "mc1") == {"lofit": [(4, 0.3, 0.0), (8, 0.2, 0.0), (16, 0.4, 0.0)]}
 
 
 def test_latency_only_mode(tmp_path):
