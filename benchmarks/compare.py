@@ -179,7 +179,8 @@ def training_speed(args) -> dict:
     """Seconds per epoch of LoFiT step 1, LoRA r8, and LoFiT step 2 without and with the frozen-layer cache.
 
     Same rows, trainer and batch size for all; ``--repeats`` rounds run the four variants in turn so machine noise
-    hits all alike. Step 2 trains the top K heads of ``--head-selection`` (or of round 1's step 1). Reports each
+    hits all alike. Every variant runs ``--epochs`` epochs (step 1 too: epochs are what is compared). Step 2 trains
+    the top K heads of ``--head-selection`` (or of round 1's step 1). Reports each
     variant's median epoch time (all epochs, and epochs after the first, when the cache is warm), its median total
     time (set-up included), peak memory, and ratios to LoRA r8.
     """
