@@ -76,7 +76,7 @@ def test_iti_adapter_adds_the_offsets_and_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_repe_offsets_reproduce_the_reading_vector_on_the_attention_output(arch):
+def test_repe_offsets_reproduce_the_reading_vector_on_the_attention_output(arch, tmp_path):
     model = tiny_model(arch)
     direction = torch.nn.functional.normalize(torch.randn(32, generator=torch.Generator().manual_seed(2)), dim=0)
     offsets = repe_offsets(model, {1: direction}, coefficient=4.0)
@@ -93,8 +93,11 @@ def test_repe_offsets_reproduce_the_reading_vector_on_the_attention_output(arch)
         expected = reference(inputs).logits
     hook.remove()
     adapted = repe_adapter(model, {1: direction}, coefficient=4.0)
+    save_adapter(adapted, tmp_path / "repe")
+    reloaded = PeftModel.from_pretrained(tiny_model(arch), tmp_path / "repe")
     with torch.no_grad():
         torch.testing.assert_close(adapted(inputs).logits, expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(reloaded(inputs).logits, expected, atol=1e-4, rtol=1e-4)
         merged = adapted.merge_and_unload()
         torch.testing.assert_close(merged(inputs).logits, expected, atol=1e-4, rtol=1e-4)
 
