@@ -36,7 +36,7 @@ from transformers import TrainerCallback
 from peft_lofit import LoFiTConfig
 from peft_lofit.checkpoint import save_adapter
 from peft_lofit.default_model import load_model_and_tokenizer
-from peft_lofit.heads import HeadSelection, random_heads
+from peft_lofit.heads import HeadSelection, random_heads, resolve_k
 from peft_lofit.io import atomic_write_json, atomic_write_text
 from peft_lofit.localize import localize
 from peft_lofit.pipeline import heads_per_layer
@@ -127,8 +127,7 @@ def interleaved_latency(args, methods: list[str]) -> dict:
     """
     model, _ = load_model_and_tokenizer(args.model)
     vocab = model.config.vocab_size
-    total = sum(heads_per_layer(model))
-    k = max(1, round(args.fraction * total))
+    k = resolve_k(sum(heads_per_layer(model)), fraction=args.fraction)
     heads = HeadSelection.load(args.head_selection).top(k) if args.head_selection else random_heads(heads_per_layer(model), k)
     from peft import get_peft_model
 
@@ -206,8 +205,7 @@ def training_speed(args) -> dict:
                     if variant == "lora_r8":
                         settings.learning_rate, config = args.lora_lr, peft_config_for("lora_r8")
                     else:
-                        k = max(1, round(args.fraction * selection.num_heads_total))
-                        config = LoFiTConfig(heads=selection.top(k))
+                        config = LoFiTConfig(heads=selection.top(fraction=args.fraction))
                         settings.cache_frozen_layers = variant == "lofit_step2_cached"
                     _, trainer = train_adapter(model, tokenizer, rows, task.objective, config, settings, [timer])
                     stats = trainer.frozen_prefix_stats
@@ -301,7 +299,7 @@ def run_method(args, method: str, seed: int, train_limit: Optional[int], fractio
 
     heads = None
     if method.startswith("lofit"):
-        k = max(1, round(fraction * sum(heads_per_layer(model))))
+        k = resolve_k(sum(heads_per_layer(model)), fraction=fraction)
         heads = heads_for(method, args, model, tokenizer, rows, task, seed, train_limit, k, cache, row)
         row["k"] = len(heads)
 
@@ -310,7 +308,7 @@ def run_method(args, method: str, seed: int, train_limit: Optional[int], fractio
             raise ValueError(f"{method} is built from TruthfulQA true/false answers; use --task truthfulqa.")
         start = time.perf_counter()
         with PeakMemory() as memory:
-            k = round(fraction * sum(heads_per_layer(model)))
+            k = resolve_k(sum(heads_per_layer(model)), fraction=fraction)
             peft_model = computed_adapter(method, model, tokenizer, args, k, train_limit, cache)
         row["train_s"], row["steps"] = time.perf_counter() - start, 0
         row["k"] = len(peft_model.peft_config["default"].heads)
@@ -350,9 +348,7 @@ def heads_for(method, args, model, tokenizer, rows, task, seed, train_limit, k, 
         selection.check_fits(layout, args.other_heads)
         return selection.top(k)
     if method == "lofit_iti_heads":
-        if ("iti", train_limit) not in cache:
-            cache["iti", train_limit] = iti_probe_data(model, tokenizer, args, train_limit)
-        return cache["iti", train_limit][0].top(k)
+        return iti_probe_data(model, tokenizer, args, train_limit, cache)[0].top(k)
     key = "file" if args.head_selection else (seed, train_limit)
     if key not in cache:
         if args.head_selection:
@@ -368,9 +364,15 @@ def heads_for(method, args, model, tokenizer, rows, task, seed, train_limit, k, 
     return selection.top(k)
 
 
-def iti_probe_data(model, tokenizer, args, limit: Optional[int]):
+def iti_probe_data(model, tokenizer, args, limit: Optional[int], cache: dict):
     """ITI's probes on the first ``limit`` training / validation questions: (HeadSelection of validation accuracies,
-    training activations, training labels)."""
+    training activations, training labels), computed once per ``limit`` and kept in ``cache``."""
+    if ("iti", limit) not in cache:
+        cache["iti", limit] = _collect_iti_probes(model, tokenizer, args, limit)
+    return cache["iti", limit]
+
+
+def _collect_iti_probes(model, tokenizer, args, limit: Optional[int]):
     from peft_lofit import baselines
     from peft_lofit.tasks.truthfulqa import load_truthfulqa
 
@@ -392,10 +394,8 @@ def computed_adapter(method: str, model, tokenizer, args, k: int, limit: Optiona
     from peft_lofit.tasks.truthfulqa import load_truthfulqa
 
     if method == "iti":
-        if ("iti", limit) not in cache:
-            cache["iti", limit] = iti_probe_data(model, tokenizer, args, limit)
-        selection, train_x, train_y = cache["iti", limit]
-        offsets = baselines.iti_offsets(train_x, train_y, selection.top(max(1, k)), args.iti_alpha)
+        selection, train_x, train_y = iti_probe_data(model, tokenizer, args, limit, cache)
+        offsets = baselines.iti_offsets(train_x, train_y, selection.top(k), args.iti_alpha)
         return baselines.adapter_with_offsets(model, offsets)
     train = load_truthfulqa("train", fold=args.fold, data_dir=args.data_dir)[:limit]
     true_texts = [f"Q: {q.question} A: {q.best_answer}" for q in train]

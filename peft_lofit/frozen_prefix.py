@@ -194,7 +194,7 @@ class FrozenPrefixCache:
             if batch["hit"]:
                 if not last:
                     return self._as_layer_output(hidden_states)  # skipped: the last frozen layer returns the cache
-                return self._as_layer_output(self._assemble(hidden_states, batch, hidden_states.requires_grad))
+                return self._as_layer_output(self._assemble(hidden_states, batch))
             output = forward(hidden_states, *args, **kwargs)
             if not last:
                 return output
@@ -220,13 +220,14 @@ class FrozenPrefixCache:
             self.stats.cached_sequences += 1
             self.stats.cached_bytes += size
 
-    def _assemble(self, like: torch.Tensor, batch: dict, requires_grad: bool) -> torch.Tensor:
-        """The boundary hidden state of the batch, (B, T, hidden_size); padding positions are zero (masked)."""
+    def _assemble(self, like: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The boundary hidden state of the batch, (B, T, hidden_size), requiring grad where ``like`` (the frozen
+        part's input) does; padding positions are zero (masked)."""
         stored = [self._store[key] for key in batch["keys"]]
         state = like.new_zeros(like.shape, dtype=stored[0].dtype)  # the dtype layer boundary-1 returned
         for row, (cached, real) in enumerate(zip(stored, batch["real"])):
             state[row, real] = cached
-        return state.requires_grad_(requires_grad)
+        return state.requires_grad_(like.requires_grad)
 
 
 def _uses_kv_cache(kwargs: dict) -> bool:
