@@ -7,7 +7,8 @@
     lofit export     merge an adapter into the base model and save a plain transformers checkpoint
     lofit push       upload an adapter folder to the Hugging Face Hub with a model card
 
-Errors are reported as one line (``lofit: error: ...``) with exit status 2.
+Errors are reported as one line (``lofit: error: ...``) with exit status 2. ``localize``, ``train``, ``run`` and
+``eval`` also run under ``torchrun`` / ``accelerate launch`` (DDP): every process trains, the main process writes.
 """
 
 from __future__ import annotations
@@ -16,9 +17,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from .distributed import finish, is_main_process
 from .tasks import TASKS
 
 DEFAULT_MODEL_HELP = "HF model id or local folder (default: the embedded SmolLM2-135M-Instruct)"
+
+
+def say(message: str) -> None:
+    """Print once: in the main process only when launched with torchrun / accelerate launch."""
+    if is_main_process():
+        print(message)
 
 
 def _positive_int(text: str) -> int:
@@ -178,10 +186,8 @@ def command_run(args) -> None:
     if args.quick:
         settings.make_quick()
     results = run_pipeline(settings)
-    print()
-    print(results_table(results))
-    print(f"\nTimes (s): {results['timings_s']}")
-    print(f"Adapter, heads and metrics written to {settings.output_dir}/")
+    say(f"\n{results_table(results)}\n\nTimes (s): {results['timings_s']}")
+    say(f"Adapter, heads and metrics written to {settings.output_dir}/")
 
 
 def command_localize(args) -> None:
@@ -196,10 +202,11 @@ def command_localize(args) -> None:
     settings.localize.output_dir = str(Path(settings.output_dir) / "checkpoints" / "localize")
     selection = localize(model, tokenizer, rows, task.objective, settings=settings.localize, metadata={"task": args.task})
     output = Path(args.output)
-    selection.save(output)
-    selection.heatmap(output.with_suffix(".png"), title=f"{args.task}: LoFiT head scores", k=args.top)
-    print(f"Top {args.top} heads: {selection.top(args.top)}")
-    print(f"Scores written to {output} and {output.with_suffix('.png')}")
+    if is_main_process():
+        selection.save(output)
+        selection.heatmap(output.with_suffix(".png"), title=f"{args.task}: LoFiT head scores", k=args.top)
+    say(f"Top {args.top} heads: {selection.top(args.top)}")
+    say(f"Scores written to {output} and {output.with_suffix('.png')}")
 
 
 def command_train(args) -> None:
@@ -220,8 +227,9 @@ def command_train(args) -> None:
     heads, _ = select_heads(settings, model, tokenizer, rows, Path(settings.output_dir), {})
     config = LoFiTConfig(heads=heads, use_scaling=args.both_vectors)
     peft_model, _ = train_adapter(model, tokenizer, rows, task.objective, config, settings.train)
-    save_adapter(peft_model, args.output)
-    print(f"Adapter on {len(heads)} heads written to {args.output}")
+    if is_main_process():
+        save_adapter(peft_model, args.output)
+    say(f"Adapter on {len(heads)} heads written to {args.output}")
 
 
 def command_eval(args) -> None:
@@ -239,8 +247,8 @@ def command_eval(args) -> None:
         model, tokenizer, split=args.split, data_dir=args.data_dir, fold=args.fold, limit=args.limit,
         batch_size=args.batch_size,
     )
-    print(" ".join(f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}" for key, value in metrics.items()))
-    if args.output:
+    say(" ".join(f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}" for key, value in metrics.items()))
+    if args.output and is_main_process():
         atomic_write_json(Path(args.output), metrics)
 
 
@@ -282,6 +290,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         COMMANDS[args.command](args)
+        finish()
     except (ValueError, KeyError, RuntimeError, FileNotFoundError, FloatingPointError, OSError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"lofit: error: {message}", file=sys.stderr)

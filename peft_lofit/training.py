@@ -55,7 +55,8 @@ class TrainSettings:
             raise ValueError(f"l1_lambda must be >= 0, got {self.l1_lambda!r}.")
 
     def trainer_arguments(self) -> dict:
-        return dict(
+        """TRL config arguments; ``extra`` overrides any of them."""
+        arguments = dict(
             output_dir=self.output_dir,
             learning_rate=self.learning_rate,
             num_train_epochs=self.epochs,
@@ -72,8 +73,11 @@ class TrainSettings:
             max_length=self.max_length,
             gradient_checkpointing=self.gradient_checkpointing,
             bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # TRL's default assumes a GPU
-            **self.extra,
+            # Without it Trainer does not set up DDP on a machine with no accelerator: under torchrun every process
+            # would train alone on all the data.
+            use_cpu=not torch.accelerator.is_available(),
         )
+        return {**arguments, **self.extra}
 
     def to_dict(self) -> dict:
         return asdict(self)

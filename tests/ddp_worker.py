@@ -13,6 +13,7 @@ from conftest import tiny_model, tiny_tokenizer  # noqa: E402
 
 from peft_lofit import LoFiTConfig  # noqa: E402
 from peft_lofit.checkpoint import save_adapter  # noqa: E402
+from peft_lofit.distributed import finish  # noqa: E402
 from peft_lofit.training import TrainSettings, train_adapter  # noqa: E402
 
 ROWS = {
@@ -24,13 +25,17 @@ FSDP = {"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2, "transform
 
 if __name__ == "__main__":
     output, batch, objective = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    config = LoFiTConfig(heads=[[0, 1], [1, 3]], use_scaling=True)
+    # DPO's heads are all in layer 1, so the frozen-layer cache runs layer 0 once per sequence (on each rank).
+    heads = [[1, 1], [1, 3]] if objective == "dpo" else [[0, 1], [1, 3]]
+    config = LoFiTConfig(heads=heads, use_scaling=True)
     settings = TrainSettings(
         epochs=2, batch_size=batch, learning_rate=5e-2, output_dir=str(output / "trainer"), logging_steps=1,
-        extra={"use_cpu": True, "dataloader_num_workers": 0, **(FSDP if "--fsdp" in sys.argv else {})},
+        extra={"dataloader_num_workers": 0, **(FSDP if "--fsdp" in sys.argv else {})},
     )
     model, trainer = train_adapter(tiny_model("llama"), tiny_tokenizer(), ROWS[objective], objective, config, settings)
     if trainer.is_world_process_zero():
         save_adapter(model, output / "adapter")
-        how = {"world_size": trainer.args.world_size, "fsdp": bool(trainer.is_fsdp_enabled)}
+        cache = trainer.frozen_prefix_stats
+        how = {"world_size": trainer.args.world_size, "fsdp": bool(trainer.is_fsdp_enabled), "cache_hits": cache and cache.hits}
         (output / "distributed.json").write_text(json.dumps(how))
+    finish()
