@@ -12,6 +12,8 @@ from typing import Callable, Iterable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from ..distributed import is_main_process
+
 # The repository's ../shared/data, relative to the project root (the folder holding the package).
 _PROJECT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -79,7 +81,7 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
     tokenizer.padding_side = "left"
     outputs = []
     try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not is_main_process()):
             batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
             with torch.no_grad():
                 generated = model.generate(

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..distributed import is_main_process
 from .base import data_root, existing_file, require_fields
 
 COLUMNS = ("Question", "Best Answer", "Correct Answers", "Incorrect Answers")
@@ -196,7 +197,7 @@ def evaluate_mc(
     scorer = MultipleChoiceScorer(model, tokenizer, instruction, primer, use_prefix_cache=use_prefix_cache)
     totals = {"mc1": 0.0, "mc2": 0.0, "mc3": 0.0}
     all_scores = []
-    for item in tqdm(questions, desc=desc, unit="q"):
+    for item in tqdm(questions, desc=desc, unit="q", disable=not is_main_process()):
         true_answers = [normalize_answer(a) for a in item.correct]
         false_answers = [normalize_answer(a) for a in item.incorrect]
         best = normalize_answer(item.best_answer)
