@@ -90,6 +90,49 @@ class PeakMemory:
             self.peak_mb = (self._peak - self._start) / 2**20
 
 
+class SavedActivations(TrainerCallback):
+    """Bytes autograd keeps for the backward pass, per optimizer step (the largest step is reported).
+
+    Counted in ``saved_tensors_hooks``: each distinct storage saved during the step, leaving out parameters and
+    buffers (they are in memory anyway). Unlike sampled RSS, this is exact and the same on any device, and it is where
+    PEFT methods differ: weights are shared, optimizer states are a few KB, activations kept for backward are not.
+    Use it as a context around training and as a callback of that training.
+    """
+
+    def __init__(self):
+        self.peak_bytes = 0
+        self._step: dict[int, int] = {}
+        self._excluded: set[int] = set()
+
+    def _pack(self, tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self._excluded:
+            self._step[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        held = [*model.parameters(), *model.buffers()]
+        self._excluded = {t.untyped_storage().data_ptr() for t in held}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.peak_bytes = max(self.peak_bytes, sum(self._step.values()))
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak_bytes / 2**20
+
+
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
@@ -181,7 +224,8 @@ def training_speed(args) -> dict:
     hits all alike. Every variant runs ``--epochs`` epochs (step 1 too: epochs are what is compared). Step 2 trains
     the top K heads of ``--head-selection`` (or of round 1's step 1). Reports each
     variant's median epoch time (all epochs, and epochs after the first, when the cache is warm), its median total
-    time (set-up included), peak memory, and ratios to LoRA r8.
+    time (set-up included), peak memory, the activations kept for backward (``SavedActivations``), and ratios to
+    LoRA r8.
     """
     task = get_task(args.task)
     _, tokenizer = load_model_and_tokenizer(args.model)
@@ -191,14 +235,14 @@ def training_speed(args) -> dict:
     for round_index in range(args.repeats):
         for variant in SPEED_VARIANTS:
             model, _ = load_model_and_tokenizer(args.model)
-            timer = EpochTimer()
+            timer, saved = EpochTimer(), SavedActivations()
             settings = train_settings(args, args.seeds[0], Path(args.output) / "tmp", args.lofit_lr)
             start = time.perf_counter()
             found = trainer = None
-            with PeakMemory() as memory:
+            with PeakMemory() as memory, saved:
                 if variant == "lofit_step1":
                     settings.learning_rate, settings.l1_lambda = args.localize_lr, args.l1
-                    found = localize(model, tokenizer, rows, task.objective, settings, callbacks=[timer])
+                    found = localize(model, tokenizer, rows, task.objective, settings, callbacks=[timer, saved])
                     selection = selection or found
                     stats = None
                 else:
@@ -207,10 +251,11 @@ def training_speed(args) -> dict:
                     else:
                         config = LoFiTConfig(heads=selection.top(fraction=args.fraction))
                         settings.cache_frozen_layers = variant == "lofit_step2_cached"
-                    _, trainer = train_adapter(model, tokenizer, rows, task.objective, config, settings, [timer])
+                    _, trainer = train_adapter(model, tokenizer, rows, task.objective, config, settings, [timer, saved])
                     stats = trainer.frozen_prefix_stats
             runs[variant].append({"total_s": time.perf_counter() - start, "epoch_s": timer.epoch_s,
-                                  "peak_memory_mb": memory.peak_mb, "cache": vars(stats) if stats else None})
+                                  "peak_memory_mb": memory.peak_mb, "saved_activations_mb": saved.peak_mb,
+                                  "cache": vars(stats) if stats else None})
             del model, found, trainer  # free this variant before the next one loads
             gc.collect()
             if torch.cuda.is_available():
@@ -223,11 +268,12 @@ def training_speed(args) -> dict:
             "later_epoch_s": statistics.median(t for run in measured for t in (run["epoch_s"][1:] or run["epoch_s"])),
             "total_s": statistics.median(run["total_s"] for run in measured),
             "peak_memory_mb": max(run["peak_memory_mb"] for run in measured),
+            "saved_activations_mb": max(run["saved_activations_mb"] for run in measured),
             "runs": measured,
         }
     lora = result["variants"]["lora_r8"]
     for variant, value in result["variants"].items():
-        for key in ("epoch_s", "later_epoch_s", "total_s", "peak_memory_mb"):
+        for key in ("epoch_s", "later_epoch_s", "total_s", "peak_memory_mb", "saved_activations_mb"):
             value[f"{key}_vs_lora_r8"] = value[key] / lora[key] if lora[key] else None
     return result
 
@@ -617,7 +663,8 @@ def main(argv=None) -> dict:
         for variant, value in result["variants"].items():
             print(f"{variant:>20}: {value['epoch_s']:.1f} s/epoch ({value['epoch_s_vs_lora_r8']:.2f}x LoRA r8), after the "
                   f"first epoch {value['later_epoch_s']:.1f} s ({value['later_epoch_s_vs_lora_r8']:.2f}x), peak "
-                  f"{value['peak_memory_mb']:.0f} MB ({value['peak_memory_mb_vs_lora_r8']:.2f}x)")
+                  f"{value['peak_memory_mb']:.0f} MB ({value['peak_memory_mb_vs_lora_r8']:.2f}x), kept for backward "
+                  f"{value['saved_activations_mb']:.0f} MB ({value['saved_activations_mb_vs_lora_r8']:.2f}x)")
         return {"train_speed": result}
     eval_speed = None
     if args.task == "truthfulqa" and args.eval_speed_questions:

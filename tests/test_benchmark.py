@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_model, tiny_tokenizer
 
 from peft_lofit.heads import HeadSelection
@@ -109,7 +110,26 @@ def test_train_speed_mode(tmp_path):
     cache = variants["lofit_step2_cached"]["runs"][0]["cache"]
     assert (cache["misses"], cache["hits"]) == (2, 2)  # 2 steps per epoch: epoch 1 fills the cache, epoch 2 hits
     assert variants["lofit_step2_plain"]["runs"][0]["cache"] is None
+    # Step 2's heads are all in layer 1: nothing of layer 0 is kept for backward, cached or not.
+    kept = {variant: value["saved_activations_mb"] for variant, value in variants.items()}
+    assert 0 < kept["lofit_step2_cached"] == kept["lofit_step2_plain"] < min(kept["lofit_step1"], kept["lora_r8"])
     assert json.loads((tmp_path / "out" / "train_speed.json").read_text()) == result
+
+
+def test_saved_activations_counts_what_backward_keeps():
+    layer = torch.nn.Linear(4, 3)
+    saved = compare.SavedActivations()
+    saved.on_train_begin(None, None, None, model=layer)
+    with saved:
+        saved.on_step_begin(None, None, None)
+        inputs = torch.randn(5, 4)
+        layer(inputs).relu().sum()  # keeps the input (5 x 4 floats) and relu's output (5 x 3); the weight is excluded
+        saved.on_step_end(None, None, None)
+        saved.on_step_begin(None, None, None)
+        with torch.no_grad():
+            layer(torch.randn(50, 4)).relu()  # nothing kept without autograd
+        saved.on_step_end(None, None, None)
+    assert saved.peak_bytes == (5 * 4 + 5 * 3) * 4
 
 
 def test_sweep_curves_hold_the_other_field_fixed():
