@@ -95,7 +95,7 @@ class SavedActivations(TrainerCallback):
 
     Counted in ``saved_tensors_hooks``: each distinct storage saved during the step, leaving out parameters and
     buffers (they are in memory anyway). Unlike sampled RSS, this is exact and the same on any device, and it is where
-    PEFT methods differ: weights are shared, gradients and optimizer states are a few MB, activations kept for backward are not.
+    PEFT methods differ: weights are shared, gradients and optimizer states are a few MB, the kept activations are not.
     Use it as a context around training and as a callback of that training.
     """
 
