@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     _train_arguments(run, "", 1e-2, 5, "offset training")
     _run_options(run)
     run.add_argument("--heads", default="learned", help="'learned' (default), 'random', or a head-selection JSON")
+    run.add_argument(
+        "--l1-search", type=_positive_float, nargs="+", default=None, metavar="L1",
+        help="choose the L1 weight among these on the validation split (one localize + train + eval each), then "
+        "train and evaluate with the best; trials go to OUTPUT/l1_search/",
+    )
     run.add_argument("--output", default="lofit_runs/run", help="output folder (default: lofit_runs/run)")
     run.add_argument("--quick", action="store_true", help="smoke run: 32 training rows, 24 eval examples, 1 epoch each")
 
@@ -168,6 +173,7 @@ def _settings(args):
         k=getattr(args, "k", None),
         fraction=getattr(args, "fraction", 0.03),
         heads=getattr(args, "heads", "learned"),
+        l1_search=getattr(args, "l1_search", None),
         localize=localize,
         train=train,
         train_both_vectors=getattr(args, "both_vectors", False),
@@ -186,6 +192,10 @@ def command_run(args) -> None:
     if args.quick:
         settings.make_quick()
     results = run_pipeline(settings)
+    if results["l1_search"]:
+        search = results["l1_search"]
+        tried = ", ".join(f"{value:g}: {score:.3f}" for value, score in zip(search["values"], search["scores"]))
+        say(f"\nL1 weight by {search['metric']} on the {search['split']} split: {tried} -> {search['best']:g}")
     say(f"\n{results_table(results)}\n\nTimes (s): {results['timings_s']}")
     say(f"Adapter, heads and metrics written to {settings.output_dir}/")
 

@@ -33,6 +33,12 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
+def barrier() -> None:
+    """Wait until every process gets here (nothing to do in a single process)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def finish() -> None:
     """Wait for every process, then destroy the process group; nothing to do in a single process.
 
@@ -41,5 +47,5 @@ def finish() -> None:
     after the work is done. Do not call it after an error: the other processes may be inside a collective.
     """
     if is_distributed():
-        dist.barrier()
+        barrier()
         dist.destroy_process_group()

@@ -5,6 +5,7 @@ Everything the command line does is a function here, so the same steps run from 
 
 from __future__ import annotations
 
+import copy
 import json
 import platform
 import shutil
@@ -18,7 +19,7 @@ import torch
 from .checkpoint import save_adapter
 from .config import LoFiTConfig
 from .default_model import load_model_and_tokenizer
-from .distributed import is_main_process
+from .distributed import barrier, is_main_process
 from .heads import HeadSelection, random_heads
 from .io import atomic_write_json
 from .localize import localize
@@ -41,6 +42,7 @@ class PipelineSettings:
     k: Optional[int] = None
     fraction: float = 0.03
     heads: str = "learned"  # "learned", "random", or a HeadSelection JSON file (heads from another run/task)
+    l1_search: Optional[list[float]] = None  # choose step 1's lambda among these on the validation split
     localize: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=5e-3, l1_lambda=5e-4))
     train: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=1e-2))
     train_both_vectors: bool = False  # step 2 trains v only (paper); True trains A and v
@@ -61,6 +63,11 @@ class PipelineSettings:
                 raise ValueError(f"{name} must be at least 1, got {value}.")
         if self.k is None and not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}.")
+        if self.l1_search is not None:
+            if self.heads != "learned":
+                raise ValueError("--l1-search chooses the L1 weight of step 1, so it needs --heads learned.")
+            if not self.l1_search or min(self.l1_search) <= 0:
+                raise ValueError(f"--l1-search needs one or more L1 weights > 0, got {self.l1_search}.")
 
     def make_quick(self) -> "PipelineSettings":
         """Turn this into a smoke run of a couple of minutes: few examples, one epoch per step."""
@@ -90,7 +97,7 @@ def select_heads(settings: PipelineSettings, model, tokenizer, rows, output: Pat
     else:
         selection = HeadSelection.load(settings.heads)
     heads = selection.top(k=settings.k) if settings.k else selection.top(fraction=settings.fraction)
-    if settings.heads == "learned" and is_main_process():
+    if is_main_process():
         selection.save(output / "head_selection.json")
         selection.heatmap(output / "head_selection.png", title=f"{settings.task}: LoFiT head scores", k=len(heads))
     return heads, selection
@@ -124,13 +131,20 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
     task = get_task(settings.task)
     rows = task.training_rows("train", data_dir=settings.data_dir, fold=settings.fold, limit=settings.train_limit)
     task.training_rows(settings.eval_split, data_dir=settings.data_dir, fold=settings.fold, limit=1)  # readable?
+    timings: dict[str, float] = {}
+    search = None
+    if settings.l1_search:  # before loading: each trial loads (or copies) its own model
+        start = time.perf_counter()
+        search = choose_l1(settings, model, tokenizer)
+        timings["l1_search_s"] = time.perf_counter() - start
+        settings = copy.deepcopy(settings)
+        settings.heads, settings.localize.l1_lambda = search["head_selection"], search["best"]
     if model is None:
         model, tokenizer = load_model_and_tokenizer(settings.model)
     check_heads_fit(settings, heads_per_layer(model))
     for step, name in ((settings.localize, "localize"), (settings.train, "train")):
         step.output_dir = str(output / "checkpoints" / name)
         step.seed = settings.seed
-    timings: dict[str, float] = {}
     heads, _ = select_heads(settings, model, tokenizer, rows, output, timings)
 
     evaluation = dict(split=settings.eval_split, data_dir=settings.data_dir, fold=settings.fold, limit=settings.eval_limit)
@@ -156,6 +170,7 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
         "trainable_parameters": trainable,
         "base": base_metrics,
         "lofit": lofit_metrics,
+        "l1_search": search,
         "timings_s": {key: round(value, 1) for key, value in timings.items()},
         "settings": _jsonable(asdict(settings)),
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
@@ -165,6 +180,35 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
         atomic_write_json(output / "metrics.json", results)
         publishable(output, results)
     return results
+
+
+def choose_l1(settings: PipelineSettings, model=None, tokenizer=None, split: str = "val") -> dict:
+    """Choose step 1's L1 weight among ``settings.l1_search`` on a held-out ``split``.
+
+    Each value is a whole run (localize with that lambda, train the top K heads, score them on ``split``) written to
+    ``{output_dir}/l1_search/l1_{value}/``, on a fresh copy of ``model`` (or a fresh load). The best value by the
+    task's ``selection_metric`` wins, the first one on a tie. Returns the values, their scores, the best value and
+    its head-selection file, which a run on the test split then trains on.
+    """
+    task = get_task(settings.task)
+    root = Path(settings.output_dir) / "l1_search"
+    scores = []
+    for value in settings.l1_search:
+        trial = copy.deepcopy(settings)
+        trial.l1_search, trial.eval_split, trial.output_dir = None, split, str(root / f"l1_{value:g}")
+        trial.localize.l1_lambda = value
+        trial_model = copy.deepcopy(model) if model is not None else None
+        scores.append(run_pipeline(trial, trial_model, tokenizer)["lofit"][task.selection_metric])
+    best = settings.l1_search[scores.index(max(scores))]
+    barrier()  # the main process has written the head selections the other processes read next
+    return {
+        "metric": task.selection_metric,
+        "split": split,
+        "values": list(settings.l1_search),
+        "scores": scores,
+        "best": best,
+        "head_selection": str(root / f"l1_{best:g}" / "head_selection.json"),
+    }
 
 
 def publishable(output: Path, results: dict) -> None:

@@ -28,6 +28,21 @@ def _front_matter(base_model: Optional[str], task: Optional[str]) -> str:
     return "\n".join(lines)
 
 
+def _heads_line(metrics: dict) -> str:
+    """Where the adapter's heads came from: step 1 on the same data (with its L1 weight), random, or another run."""
+    settings, k, search = metrics.get("settings", {}), metrics.get("num_heads_selected"), metrics.get("l1_search")
+    if settings.get("heads") == "random":
+        return f"- heads: {k} chosen at random (seed {settings.get('seed')})"
+    if settings.get("heads", "learned") != "learned" and not search:
+        return f"- heads: top {k} of a head selection from another run (`head_selection.json`)"
+    line = (f"- heads localized on the same data: top {k} by ||A|| with L1 weight "
+            f"{settings.get('localize', {}).get('l1_lambda')} (`head_selection.json`, heatmap `head_selection.png`)")
+    if search:
+        tried = ", ".join(f"{value:g} ({score:.3f})" for value, score in zip(search["values"], search["scores"]))
+        line += f"; the weight was chosen by {search['metric']} on the {search['split']} split among {tried}"
+    return line
+
+
 def model_card(config: dict, metrics: Optional[dict] = None, repo_id: Optional[str] = None) -> str:
     """The Markdown model card for an adapter with config dict ``config`` (and pipeline ``metrics``, if known)."""
     metrics = metrics or {}
@@ -61,8 +76,7 @@ def model_card(config: dict, metrics: Optional[dict] = None, repo_id: Optional[s
             "## Training",
             f"- task: {task} (objective as in the LoFiT paper), training rows: "
             f"{settings.get('train_limit') or 'all'}, fold {settings.get('fold', 0)}",
-            f"- heads localized on the same data: top {metrics.get('num_heads_selected')} by ||A|| "
-            f"(`head_selection.json`, heatmap `head_selection.png`)",
+            _heads_line(metrics),
             f"- trained numbers: {metrics.get('trainable_parameters')}",
         ]
     if metrics.get("base") and metrics.get("lofit"):

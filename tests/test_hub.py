@@ -12,6 +12,7 @@ from peft import PeftModel
 
 from peft_lofit import cli
 from peft_lofit.pipeline import PipelineSettings, run_pipeline
+from peft_lofit.publish import model_card
 from peft_lofit.training import TrainSettings
 
 REPO = "someone/tiny-lofit"
@@ -41,6 +42,19 @@ def test_adapter_folder_is_a_complete_hub_repository(run_folder):
     heads = ", ".join(f"[{layer}, {head}]" for layer, head in results["heads"])
     assert f"heads (2): {heads}" in card
     assert "| base |" in card and "| LoFiT |" in card and "mc1" in card
+    assert "heads localized on the same data: top 2 by ||A|| with L1 weight 0.001" in card
+
+
+@pytest.mark.parametrize(
+    "settings, line",
+    [
+        ({"heads": "random", "seed": 3}, "- heads: 2 chosen at random (seed 3)"),
+        ({"heads": "other_task_heads.json"}, "- heads: top 2 of a head selection from another run"),
+    ],
+)
+def test_model_card_says_where_the_heads_came_from(settings, line):
+    card = model_card({"heads": [[0, 1], [1, 2]]}, {"task": "mquake", "settings": settings, "num_heads_selected": 2})
+    assert line in card and "localized" not in card
 
 
 def test_push_uploads_adapter_heads_and_card(run_folder, monkeypatch, capsys):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 from peft import PeftModel
+from safetensors.torch import load_file
 
 from peft_lofit import cli
 from peft_lofit.heads import HeadSelection
@@ -60,6 +61,41 @@ def test_pipeline_with_random_and_reused_heads(tmp_path):
     assert reused["heads"] == [[0, 2], [1, 0]]
 
 
+def test_l1_search_chooses_on_validation_and_trains_the_winner(tmp_path):
+    results = run_pipeline(tiny_settings(tmp_path, l1_search=[1e-4, 3e-1]), model=tiny_model("llama"),
+                           tokenizer=tiny_tokenizer())
+    search, run = results["l1_search"], tmp_path / "run"
+    trials = {value: run / "l1_search" / f"l1_{value:g}" for value in (1e-4, 3e-1)}
+    saved = {value: json.loads((folder / "metrics.json").read_text()) for value, folder in trials.items()}
+    assert all(saved[v]["settings"]["eval_split"] == "val" and saved[v]["settings"]["localize"]["l1_lambda"] == v
+               for v in trials)
+    assert search["metric"] == "mc2" and search["scores"] == [saved[v]["lofit"]["mc2"] for v in (1e-4, 3e-1)]
+    best = max(trials, key=lambda v: (saved[v]["lofit"]["mc2"], -v))  # the first value wins a tie
+    assert search["best"] == best and results["settings"]["localize"]["l1_lambda"] == best
+    # The final run trains the winner's heads and evaluates them on the test split: same seed, same adapter.
+    assert results["heads"] == saved[best]["heads"] and results["settings"]["eval_split"] == "test"
+    assert HeadSelection.load(run / "head_selection.json").scores == HeadSelection.load(
+        trials[best] / "head_selection.json").scores
+    final, trial = (load_file(folder / "adapter" / "adapter_model.safetensors") for folder in (run, trials[best]))
+    for key in final:
+        torch.testing.assert_close(final[key], trial[key], atol=1e-6, rtol=1e-5)
+    assert json.loads((run / "metrics.json").read_text())["l1_search"] == search
+    card = (run / "adapter" / "README.md").read_text()
+    assert f"with L1 weight {best}" in card and "the weight was chosen by mc2 on the val split among 0.0001 (" in card
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(heads="random", l1_search=[1e-3]), "--l1-search chooses the L1 weight of step 1, so it needs --heads learned"),
+        (dict(l1_search=[1e-3, 0.0]), r"--l1-search needs one or more L1 weights > 0, got \[0.001, 0.0\]"),
+    ],
+)
+def test_l1_search_settings_are_checked(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_settings(tmp_path, **overrides)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -67,6 +103,7 @@ def test_pipeline_with_random_and_reused_heads(tmp_path):
         (["train", "--heads", "learned"], "lofit train needs --heads FILE.json"),
         (["localize", "--task", "clutrr", "--data-dir", "/nonexistent"], "CLUTRR train split not found at /nonexistent"),
         (["run", "--task", "mquake", "--data-dir", "/nonexistent"], "MQuAKE train split not found at /nonexistent"),
+        (["run", "--heads", "random", "--l1-search", "1e-3", "2e-3"], "--l1-search chooses the L1 weight of step 1"),
     ],
 )
 def test_cli_errors_are_one_line(argv, message, capsys):
@@ -75,7 +112,9 @@ def test_cli_errors_are_one_line(argv, message, capsys):
     assert err.startswith("lofit: error: ") and message in err and "\n" not in err
 
 
-@pytest.mark.parametrize("argv", [["run", "--k", "0"], ["run", "--fraction", "2"], ["run", "--lr", "-1"]])
+@pytest.mark.parametrize(
+    "argv", [["run", "--k", "0"], ["run", "--fraction", "2"], ["run", "--lr", "-1"], ["run", "--l1-search", "1e-3", "0"]]
+)
 def test_cli_rejects_out_of_range_arguments(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)

@@ -28,6 +28,11 @@ class Task:
     def training_rows(self, split: str = "train", data_dir=None, fold: int = 0, limit: Optional[int] = None) -> list[dict]:
         return self._rows(split, data_dir, fold)[:limit]
 
+    @property
+    def selection_metric(self) -> str:
+        """The metric hyperparameters are chosen by: MC2 for TruthfulQA (it scores every answer), else accuracy."""
+        return "mc2" if "mc2" in self.metrics else self.metrics[0]
+
     def evaluate(self, model, tokenizer, split="test", data_dir=None, fold=0, limit=None, batch_size=16, desc=None):
         """Metrics of ``model`` on ``split`` (the first ``limit`` examples), as a dict with ``n``."""
         return self._evaluate(model, tokenizer, split, data_dir, fold, limit, batch_size, desc or f"{self.name} {split}")
