@@ -96,18 +96,23 @@ class SavedActivations(TrainerCallback):
     Counted in ``saved_tensors_hooks``: each distinct storage saved during the step, leaving out parameters and
     buffers (they are in memory anyway). Unlike sampled RSS, this is exact and the same on any device, and it is where
     PEFT methods differ: weights are shared, gradients and optimizer states are a few MB, the kept activations are not.
-    Use it as a context around training and as a callback of that training.
+    Use it as a context around training and as a callback of that training. Exact for what the benchmark runs: one
+    process and device, one batch per step, no gradient checkpointing (its own hooks would hide these); other set-ups
+    are refused.
     """
 
     def __init__(self):
         self.peak_bytes = 0
-        self._step: dict[int, int] = {}
-        self._excluded: set[int] = set()
+        self._step: dict[tuple, int] = {}
+        self._excluded: set[tuple] = set()
+
+    @staticmethod
+    def _key(tensor) -> tuple:
+        return tensor.device, tensor.untyped_storage().data_ptr()
 
     def _pack(self, tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in self._excluded:
-            self._step[storage.data_ptr()] = storage.nbytes()
+        if self._key(tensor) not in self._excluded:
+            self._step[self._key(tensor)] = tensor.untyped_storage().nbytes()
         return tensor
 
     def __enter__(self):
@@ -119,8 +124,10 @@ class SavedActivations(TrainerCallback):
         self._hooks.__exit__(*exc)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        held = [*model.parameters(), *model.buffers()]
-        self._excluded = {t.untyped_storage().data_ptr() for t in held}
+        if args is not None and (args.n_gpu > 1 or args.gradient_accumulation_steps > 1 or args.gradient_checkpointing):
+            raise ValueError("SavedActivations counts one process on one device, one batch per step and no gradient "
+                             "checkpointing; turn off DataParallel, gradient accumulation and checkpointing.")
+        self._excluded = {self._key(tensor) for tensor in (*model.parameters(), *model.buffers())}
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step = {}

@@ -26,6 +26,12 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def has_accelerator() -> bool:
+    """Whether torch sees a GPU or other accelerator (``torch.accelerator`` from torch 2.6, CUDA before)."""
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
 def local_device() -> torch.device:
     """This process's GPU (``LOCAL_RANK``, 0 outside a launcher) where there is one, else the CPU."""
     if torch.cuda.is_available():

@@ -29,6 +29,7 @@ from .tasks import get_task
 from .training import TrainSettings, train_adapter
 
 HEAD_CHOICES = ("learned", "random")
+L1_SEARCH_SPLIT = "val"  # the held-out split --l1-search chooses on
 
 
 @dataclass
@@ -68,6 +69,11 @@ class PipelineSettings:
                 raise ValueError("--l1-search chooses the L1 weight of step 1, so it needs --heads learned.")
             if not self.l1_search or min(self.l1_search) <= 0:
                 raise ValueError(f"--l1-search needs one or more L1 weights > 0, got {self.l1_search}.")
+            if len({f"{value:g}" for value in self.l1_search}) < len(self.l1_search):
+                raise ValueError(f"--l1-search values must differ (to 6 significant digits), got {self.l1_search}.")
+            if self.eval_split == L1_SEARCH_SPLIT:
+                raise ValueError(f"--l1-search chooses on the {L1_SEARCH_SPLIT} split; evaluate on another one "
+                                 f"(--eval-split test).")
 
     def make_quick(self) -> "PipelineSettings":
         """Turn this into a smoke run of a couple of minutes: few examples, one epoch per step."""
@@ -182,13 +188,14 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
     return results
 
 
-def choose_l1(settings: PipelineSettings, model=None, tokenizer=None, split: str = "val") -> dict:
+def choose_l1(settings: PipelineSettings, model=None, tokenizer=None, split: str = L1_SEARCH_SPLIT) -> dict:
     """Choose step 1's L1 weight among ``settings.l1_search`` on a held-out ``split``.
 
     Each value is a whole run (localize with that lambda, train the top K heads, score them on ``split``) written to
     ``{output_dir}/l1_search/l1_{value}/``, on a fresh copy of ``model`` (or a fresh load). The best value by the
     task's ``selection_metric`` wins, the first one on a tie. Returns the values, their scores, the best value and
-    its head-selection file, which a run on the test split then trains on.
+    its head-selection file, which a run on the test split then trains on (every process reads the file the main
+    process wrote, so launched runs need one machine or a shared file system).
     """
     task = get_task(settings.task)
     root = Path(settings.output_dir) / "l1_search"

@@ -20,6 +20,7 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from peft import PeftConfig
 
+from .distributed import has_accelerator
 from .frozen_prefix import FrozenPrefixCache
 
 OBJECTIVES = ("dpo", "sft")
@@ -72,12 +73,14 @@ class TrainSettings:
             report_to="none",
             max_length=self.max_length,
             gradient_checkpointing=self.gradient_checkpointing,
-            bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # TRL's default assumes a GPU
-            # Without it Trainer does not set up DDP on a machine with no accelerator: under torchrun every process
-            # would train alone on all the data.
-            use_cpu=not torch.accelerator.is_available(),
         )
-        return {**arguments, **self.extra}
+        arguments.update(self.extra)
+        # Without use_cpu Trainer does not set up DDP on a machine with no accelerator: under torchrun every process
+        # would train alone on all the data.
+        use_cpu = arguments.setdefault("use_cpu", not has_accelerator())
+        # TRL's default bf16 assumes a GPU: on only where training runs on a GPU that supports it.
+        arguments.setdefault("bf16", not use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        return arguments
 
     def to_dict(self) -> dict:
         return asdict(self)

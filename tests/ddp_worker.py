@@ -30,7 +30,7 @@ if __name__ == "__main__":
     config = LoFiTConfig(heads=heads, use_scaling=True)
     settings = TrainSettings(
         epochs=2, batch_size=batch, learning_rate=5e-2, output_dir=str(output / "trainer"), logging_steps=1,
-        extra={"dataloader_num_workers": 0, **(FSDP if "--fsdp" in sys.argv else {})},
+        extra={"use_cpu": True, "dataloader_num_workers": 0, **(FSDP if "--fsdp" in sys.argv else {})},
     )
     model, trainer = train_adapter(tiny_model("llama"), tiny_tokenizer(), ROWS[objective], objective, config, settings)
     if trainer.is_world_process_zero():

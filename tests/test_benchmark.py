@@ -122,10 +122,12 @@ def test_saved_activations_counts_what_backward_keeps():
     saved.on_train_begin(None, None, None, model=layer)
     with saved:
         saved.on_step_begin(None, None, None)
-        inputs = torch.randn(5, 4)
-        layer(inputs).relu().sum()  # keeps the input (5 x 4 floats) and relu's output (5 x 3); the weight is excluded
+        inputs = torch.randn(5, 4, requires_grad=True)
+        outputs = layer(inputs)  # keeps the input (5 x 4 floats) and the weight (excluded: a parameter)
+        (outputs * outputs).sum()  # keeps the output twice: one storage (5 x 3), counted once
         saved.on_step_end(None, None, None)
         saved.on_step_begin(None, None, None)
+        layer(torch.randn(2, 4, requires_grad=True)).sum()  # a smaller step: 2 x 4 floats, counted afresh
         with torch.no_grad():
             layer(torch.randn(50, 4)).relu()  # nothing kept without autograd
         saved.on_step_end(None, None, None)

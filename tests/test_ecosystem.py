@@ -4,7 +4,9 @@ and TRL's trainers used directly."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +30,10 @@ HEADS = [[0, 1], [1, 3]]
 
 # --------------------------------------------------------------------------------------------- distributed
 def launch(command: list[str]) -> subprocess.CompletedProcess:
-    """Run a launcher; on failure show every error line of its stderr (they can be far from its end) and the end."""
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    """Run a launcher on the CPU (gloo; GPUs hidden); on failure show every error line of its stderr (they can be
+    far from its end) and the end."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     errors = [line for line in result.stderr.splitlines() if re.search(r"Error|Traceback|terminate|Signal", line)]
     assert result.returncode == 0, "\n".join(errors[:60]) + "\n...\n" + result.stderr[-3000:]
     return result
@@ -40,9 +44,16 @@ def run_worker(launcher: list[str], output: Path, batch: int, objective: str) ->
     return load_file(output / "adapter" / "adapter_model.safetensors")
 
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+def free_port() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", free_port()]
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from conftest import tiny_model, tiny_tokenizer
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from peft_lofit import cli
+from peft_lofit import cli, pipeline
 from peft_lofit.heads import HeadSelection
 from peft_lofit.pipeline import PipelineSettings, results_table, run_pipeline
 from peft_lofit.training import TrainSettings
@@ -89,11 +89,22 @@ def test_l1_search_chooses_on_validation_and_trains_the_winner(tmp_path):
     [
         (dict(heads="random", l1_search=[1e-3]), "--l1-search chooses the L1 weight of step 1, so it needs --heads learned"),
         (dict(l1_search=[1e-3, 0.0]), r"--l1-search needs one or more L1 weights > 0, got \[0.001, 0.0\]"),
+        (dict(l1_search=[1e-3, 0.0010000001]), "--l1-search values must differ"),
+        (dict(l1_search=[1e-3], eval_split="val"), "--l1-search chooses on the val split; evaluate on another one"),
     ],
 )
 def test_l1_search_settings_are_checked(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_settings(tmp_path, **overrides)
+
+
+def test_l1_search_keeps_the_first_value_on_a_tie(tmp_path, monkeypatch):
+    val_scores = {3e-1: 0.5, 1e-4: 0.5, 1e-2: 0.4}
+    monkeypatch.setattr(pipeline, "run_pipeline",
+                        lambda trial, model, tokenizer: {"lofit": {"mc2": val_scores[trial.localize.l1_lambda]}})
+    search = pipeline.choose_l1(tiny_settings(tmp_path, l1_search=[3e-1, 1e-4, 1e-2]))
+    assert search["best"] == 3e-1 and search["scores"] == [0.5, 0.5, 0.4]
+    assert search["head_selection"] == str(tmp_path / "run" / "l1_search" / "l1_0.3" / "head_selection.json")
 
 
 @pytest.mark.parametrize(

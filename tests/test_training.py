@@ -40,6 +40,16 @@ def test_seeded_runs_reproduce(tmp_path):
     assert all(torch.equal(first[1][n], second[1][n]) for n in first[1])
 
 
+def test_trainer_arguments_run_ddp_on_cpu_and_let_extra_override(monkeypatch):
+    monkeypatch.setattr("peft_lofit.training.has_accelerator", lambda: False)
+    arguments = TrainSettings(learning_rate=1e-3).trainer_arguments()
+    assert arguments["use_cpu"] is True and arguments["bf16"] is False  # CPU: Trainer sets up DDP only with use_cpu
+    arguments = TrainSettings(learning_rate=1e-3, extra={"learning_rate": 2e-3, "bf16": True}).trainer_arguments()
+    assert arguments["learning_rate"] == 2e-3 and arguments["bf16"] is True
+    monkeypatch.setattr("peft_lofit.training.has_accelerator", lambda: True)
+    assert TrainSettings().trainer_arguments()["use_cpu"] is False
+
+
 def test_bad_settings():
     with pytest.raises(ValueError, match="learning_rate must be a positive number"):
         TrainSettings(learning_rate=0)
