@@ -111,8 +111,9 @@ class SavedActivations(TrainerCallback):
         return tensor.device, tensor.untyped_storage().data_ptr()
 
     def _pack(self, tensor):
-        if self._key(tensor) not in self._excluded:
-            self._step[self._key(tensor)] = tensor.untyped_storage().nbytes()
+        key = self._key(tensor)
+        if key not in self._excluded:
+            self._step[key] = tensor.untyped_storage().nbytes()
         return tensor
 
     def __enter__(self):

@@ -187,15 +187,14 @@ def _settings(args):
 
 def command_run(args) -> None:
     from .pipeline import results_table, run_pipeline
+    from .publish import describe_l1_search
 
     settings = _settings(args)
     if args.quick:
         settings.make_quick()
     results = run_pipeline(settings)
     if results["l1_search"]:
-        search = results["l1_search"]
-        tried = ", ".join(f"{value:g}: {score:.3f}" for value, score in zip(search["values"], search["scores"]))
-        say(f"\nL1 weight by {search['metric']} on the {search['split']} split: {tried} -> {search['best']:g}")
+        say(f"\nL1 weight chosen by {describe_l1_search(results['l1_search'])}: {results['l1_search']['best']:g}")
     say(f"\n{results_table(results)}\n\nTimes (s): {results['timings_s']}")
     say(f"Adapter, heads and metrics written to {settings.output_dir}/")
 

@@ -80,3 +80,10 @@ def tiny_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     backend.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
+
+
+def tiny_model_folder(folder):
+    """The tiny Llama and the tiny tokenizer saved in ``folder``, for anything that takes a ``--model`` path."""
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder

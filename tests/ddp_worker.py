@@ -36,6 +36,7 @@ if __name__ == "__main__":
     if trainer.is_world_process_zero():
         save_adapter(model, output / "adapter")
         cache = trainer.frozen_prefix_stats
-        how = {"world_size": trainer.args.world_size, "fsdp": bool(trainer.is_fsdp_enabled), "cache_hits": cache and cache.hits}
+        how = {"world_size": trainer.args.world_size, "fsdp": bool(trainer.is_fsdp_enabled),
+               "cache_hits": cache and cache.hits}
         (output / "distributed.json").write_text(json.dumps(how))
     finish()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import tiny_model_folder
 
 from peft_lofit.heads import HeadSelection
 
@@ -17,20 +17,13 @@ compare = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(compare)
 
 
-def tiny_model_folder(tmp_path) -> Path:
-    model_dir = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    return model_dir
-
-
 def layer_one_selection(tmp_path) -> Path:
     """Scores for the tiny model (2 layers x 4 heads) whose top 2 heads are [1, 1] and [1, 3]."""
     return HeadSelection(scores=[[0.1, 0.2, 0.3, 0.4], [0.5, 0.9, 0.6, 0.8]]).save(tmp_path / "other.json")
 
 
 def test_benchmark_end_to_end_on_tiny_model(tmp_path):
-    model_dir = tiny_model_folder(tmp_path)
+    model_dir = tiny_model_folder(tmp_path / "tiny")
     output = tmp_path / "results"
     compare.main([
         "--model", str(model_dir), "--train-limit", "8", "--eval-limit", "2", "--epochs", "1", "--localize-epochs", "1",
@@ -91,14 +84,14 @@ def test_summary_mean_and_spread_over_seeds():
 def test_other_heads_must_fit_the_model(tmp_path):
     wrong = HeadSelection(scores=[[1.0, 2.0]] * 3).save(tmp_path / "wrong.json")
     with pytest.raises(ValueError, match="scores 3 layers x 2 heads, but the model has 2 layers x 4 heads"):
-        compare.main(["--model", str(tiny_model_folder(tmp_path)), "--methods", "lofit_other_heads", "--other-heads",
+        compare.main(["--model", str(tiny_model_folder(tmp_path / "tiny")), "--methods", "lofit_other_heads", "--other-heads",
                       str(wrong), "--train-limit", "4", "--eval-limit", "1", "--skip-latency",
                       "--eval-speed-questions", "0", "--output", str(tmp_path / "out")])
 
 
 def test_train_speed_mode(tmp_path):
     result = compare.main([
-        "--model", str(tiny_model_folder(tmp_path)), "--train-speed-only", "--head-selection",
+        "--model", str(tiny_model_folder(tmp_path / "tiny")), "--train-speed-only", "--head-selection",
         str(layer_one_selection(tmp_path)), "--fraction", "0.25", "--train-limit", "8", "--batch-size", "4",
         "--epochs", "2", "--repeats", "1", "--output", str(tmp_path / "out"),
     ])["train_speed"]
@@ -146,7 +139,7 @@ def test_sweep_curves_hold_the_other_field_fixed():
 
 
 def test_latency_only_mode(tmp_path):
-    model_dir = tiny_model_folder(tmp_path)
+    model_dir = tiny_model_folder(tmp_path / "tiny")
     result = compare.main(["--model", str(model_dir), "--latency-only", "--methods", "lofit", "lora_r8", "--fraction",
                            "0.25", "--prefill-tokens", "8", "--decode-tokens", "2", "--repeats", "2",
                            "--output", str(tmp_path / "out")])["latency"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import tiny_model, tiny_model_folder, tiny_tokenizer
 from datasets import Dataset
 from peft import get_peft_model
 from safetensors.torch import load_file
@@ -73,9 +73,7 @@ def test_two_process_ddp_equals_single_process(tmp_path, launcher, objective):
 
 
 def test_lofit_run_under_torchrun_equals_single_process_and_writes_once(tmp_path):
-    model_dir = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    model_dir = tiny_model_folder(tmp_path / "tiny")
     common = ["run", "--model", str(model_dir), "--train-limit", "8", "--eval-limit", "2", "--k", "2", "--epochs", "1",
               "--localize-epochs", "1", "--lr", "5e-2", "--localize-lr", "5e-2", "--threads", "1"]
     assert cli.main([*common, "--batch-size", "4", "--output", str(tmp_path / "single")]) == 0
@@ -173,9 +171,7 @@ def test_quantized_base_trains_and_refuses_to_merge(inputs):
 
 # ----------------------------------------------------------------------------------------------- export
 def test_export_writes_a_plain_transformers_checkpoint(tmp_path, inputs):
-    base_dir = tmp_path / "base"
-    tiny_model("llama").save_pretrained(base_dir)
-    tiny_tokenizer().save_pretrained(base_dir)
+    base_dir = tiny_model_folder(tmp_path / "base")
     adapted = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=HEADS, use_scaling=True, init_weights=False))
     save_adapter(adapted, tmp_path / "adapter")
     with torch.no_grad():

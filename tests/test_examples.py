@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model, tiny_tokenizer
+from conftest import tiny_model_folder
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
@@ -19,10 +19,7 @@ def run_example(name: str, *argv: str, monkeypatch) -> None:
 
 @pytest.fixture
 def model_dir(tmp_path):
-    folder = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return str(folder)
+    return str(tiny_model_folder(tmp_path / "tiny"))
 
 
 def test_quickstart(monkeypatch, capsys):
