@@ -34,7 +34,7 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "opt": ["self_attn.out_proj"],
 }
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?=\.|$)")
 
 
 @dataclass(frozen=True)
@@ -71,24 +71,62 @@ def default_target_modules(model_type: Optional[str]) -> list[str]:
     )
 
 
-def head_geometry(
-    model_config: Any, in_features: int, num_heads: Optional[int] = None, head_dim: Optional[int] = None
-) -> HeadGeometry:
-    """Split ``in_features`` into heads, from explicit overrides first and the model config second.
+def ancestors(model: Any, module_name: str) -> list[Any]:
+    """The modules that contain ``module_name``, nearest first: its parent, the parent's parent, ..., ``model``."""
+    parts = module_name.split(".")[:-1]
+    return [model.get_submodule(".".join(parts[:depth])) for depth in range(len(parts), -1, -1)]
 
-    ``num_attention_heads`` is the number of query heads, which is what the output projection sees under grouped-query
-    attention; ``head_dim`` defaults to ``in_features / num_heads`` (Gemma 3, where it differs from
-    ``hidden_size / num_heads``, still satisfies this because the projection is ``num_heads * head_dim`` wide).
+
+def _int_attribute(owner: Any, names: tuple[str, ...]) -> Optional[int]:
+    for name in names:
+        value = getattr(owner, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _geometry_hints(owner: Any) -> tuple[Optional[int], Optional[int]]:
+    """(number of heads, head width) that one module or config states, each None where it says nothing.
+
+    transformers' attention modules carry them in family-specific combinations: GPT-2 and OPT ``num_heads`` and
+    ``head_dim``; Llama, Mistral, Qwen2 and Gemma ``head_dim`` and a ``config``; GPT-NeoX ``head_size`` and a
+    ``config``. A config states ``num_attention_heads`` (the query heads) and sometimes ``head_dim``.
     """
-    config = text_config(model_config) if model_config is not None else None
-    if num_heads is None:
-        num_heads = getattr(config, "num_attention_heads", None)
+    num_heads = _int_attribute(owner, ("num_heads", "num_attention_heads", "n_head"))
+    head_dim = _int_attribute(owner, ("head_dim", "head_size"))
+    config = getattr(owner, "config", None)
+    if config is not None and not isinstance(config, dict):
+        config = text_config(config)
+        num_heads = num_heads or _int_attribute(config, ("num_attention_heads",))
+        head_dim = head_dim or _int_attribute(config, ("head_dim",))
+    return num_heads, head_dim
+
+
+def head_geometry(
+    owners: list[Any], in_features: int, num_heads: Optional[int] = None, head_dim: Optional[int] = None
+) -> HeadGeometry:
+    """Split a projection input of ``in_features`` into heads.
+
+    Explicit ``num_heads`` / ``head_dim`` (LoFiTConfig) come first. Otherwise the geometry is read from the nearest of
+    ``owners`` (the modules above the projection, nearest first, see ``ancestors``) that states a number of heads:
+    normally the attention module itself, so that a model wrapped in a module without a config works too. Under
+    grouped-query attention that number is the query heads, which is what the output projection sees; a missing
+    ``head_dim`` is ``in_features / num_heads``.
+    """
+    if num_heads is None and head_dim is None:
+        for owner in owners:
+            num_heads, head_dim = _geometry_hints(owner)
+            if num_heads is not None:
+                if head_dim is not None and num_heads * head_dim != in_features:
+                    head_dim = None  # e.g. a module's head_dim that does not describe this projection
+                break
     if num_heads is None and head_dim is not None and in_features % head_dim == 0:
         num_heads = in_features // head_dim
     if num_heads is None:
         raise ValueError(
-            "Cannot tell how many attention heads the output projection has: the model config has no "
-            "`num_attention_heads`. Pass `num_heads=` (and `head_dim=` if needed) to LoFiTConfig."
+            "Cannot tell how many attention heads the output projection has: neither its attention module nor any "
+            "config above it states `num_heads` / `num_attention_heads`. Pass `num_heads=` (and `head_dim=` if "
+            "needed) to LoFiTConfig."
         )
     if head_dim is None:
         if in_features % num_heads != 0:
@@ -106,9 +144,22 @@ def head_geometry(
 
 
 def layer_index(module_name: str) -> Optional[int]:
-    """The decoder layer of a module, read from the first integer in its dotted name (``model.layers.3.…`` -> 3)."""
-    match = _LAYER_INDEX.search(module_name)
-    return int(match.group(1)) if match else None
+    """The decoder layer of a module: the index of the innermost numbered list it sits in, read from its dotted name.
+
+    ``model.layers.3.self_attn.o_proj`` -> 3; inside a wrapper, ``models.0.model.layers.1.self_attn.o_proj`` -> 1.
+    """
+    matches = _LAYER_INDEX.findall(module_name)
+    return int(matches[-1]) if matches else None
+
+
+def model_type_of(model: Any) -> Optional[str]:
+    """``config.model_type`` of the model, or of the first transformers model inside a wrapper without a config."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        model_type = getattr(text_config(config), "model_type", None) if config is not None else None
+        if isinstance(model_type, str):
+            return model_type
+    return None
 
 
 def projection_in_features(module: Any) -> int:

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from .distributed import finish, is_main_process
+from .extras import MissingExtraError
 from .tasks import TASKS
 
 DEFAULT_MODEL_HELP = "HF model id or local folder (default: the embedded SmolLM2-135M-Instruct)"
@@ -60,7 +61,7 @@ def _fraction(text: str) -> float:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=sorted(TASKS), default="truthfulqa", help="task (default: truthfulqa)")
     parser.add_argument("--model", default=None, help=DEFAULT_MODEL_HELP)
-    parser.add_argument("--data-dir", default=None, help="data folder (default: ../shared/data or $LOFIT_DATA_DIR)")
+    parser.add_argument("--data-dir", default=None, help="data folder (default: $LOFIT_DATA_DIR, else the data shipped in the package)")
     parser.add_argument("--fold", type=int, default=0, help="TruthfulQA fold (default: 0)")
     parser.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
     parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
@@ -290,6 +291,9 @@ COMMANDS = {
 }
 
 
+EXPECTED_ERRORS = (MissingExtraError, ValueError, KeyError, RuntimeError, FileNotFoundError, FloatingPointError, OSError)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -300,7 +304,7 @@ def main(argv=None) -> int:
     try:
         COMMANDS[args.command](args)
         finish()
-    except (ValueError, KeyError, RuntimeError, FileNotFoundError, FloatingPointError, OSError) as error:
+    except EXPECTED_ERRORS as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"lofit: error: {message}", file=sys.stderr)
         return 2

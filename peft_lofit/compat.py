@@ -4,9 +4,13 @@
 
 - a ``lofit_format`` newer than this package reads is refused, with the command to upgrade;
 - renamed fields are renamed, with a warning (``lofit_heads``, the LoFiT authors' name for the head list);
-- fields this version does not know are dropped, with a warning naming them and the version that wrote them;
 - fields that are missing take their defaults, with a warning, except ``heads`` (without it nobody can tell which
   heads the saved vectors belong to, so that is an error).
+
+Two cases are left to PEFT, so that LoFiT configs load exactly like every other PEFT config: fields this version does
+not know (PEFT drops them with one warning, ``Unexpected keyword arguments [...] for class LoFiTConfig, these are
+ignored. ...``), and a JSON without ``peft_type``, which is not a PEFT config at all (PEFT raises a TypeError, "...
+is missing required keys: {'peft_type'}", when it cannot build the config from it).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ _PEFT_BOOKKEEPING = {"peft_type", "task_type", "inference_mode", "base_model_nam
 def upgrade_config_dict(config_class, values: dict, package_version: str) -> dict:
     """Return ``values`` made loadable by ``config_class`` (see the module docstring for the rules)."""
     values = dict(values)
+    if "peft_type" not in values:
+        return values  # not a saved PEFT config: PEFT's own checks decide
     written_by = values.get("lofit_version", "an unknown version")
     file_format = values.get("lofit_format", 1)
     if not isinstance(file_format, int) or file_format > CONFIG_FORMAT:
@@ -42,14 +48,6 @@ def upgrade_config_dict(config_class, values: dict, package_version: str) -> dic
         warnings.warn(f"Adapter config field `{old}` is now called `{new}`; reading it as `{new}`.")
         values[new] = values.pop(old)
     fields = {field.name for field in dataclasses.fields(config_class)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        warnings.warn(
-            f"Ignoring adapter config fields {unknown}, unknown to peft_lofit {package_version} (the file was written "
-            f"by peft_lofit {written_by}). If the adapter behaves unexpectedly, upgrade: `pip install -U peft_lofit`."
-        )
-        for name in unknown:
-            del values[name]
     missing_required = [name for name in REQUIRED_FIELDS if name not in values]
     if missing_required:
         raise ValueError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -56,6 +57,10 @@ def normalize_heads(heads) -> list[list[int]]:
             raise ValueError(f"`heads` lists [layer {pair[0]}, head {pair[1]}] more than once; remove the duplicate.")
         seen.add(pair)
     return [list(pair) for pair in sorted(pairs)]
+
+
+def _is_positive_finite(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _is_index(value) -> bool:
@@ -163,15 +168,19 @@ class LoFiTConfig(PeftConfig):
             self.lofit_version = __version__
         if self.heads is not None:
             self.heads = normalize_heads(self.heads)
+        for name in ("use_scaling", "use_offset"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False; got {getattr(self, name)!r}.")
         if not (self.use_scaling or self.use_offset):
             raise ValueError(
                 "LoFiTConfig with use_scaling=False and use_offset=False has nothing to learn; enable at least one "
                 "(use_scaling=True for localization, use_offset=True for fine-tuning)."
             )
-        if self.init_weights not in INIT_CHOICES:
+        if not any(self.init_weights is choice or (isinstance(choice, str) and self.init_weights == choice)
+                   for choice in INIT_CHOICES):
             raise ValueError(f"`init_weights` must be True, False or 'normal'; got {self.init_weights!r}.")
-        if not self.init_std > 0:
-            raise ValueError(f"`init_std` must be positive; got {self.init_std!r}.")
+        if not _is_positive_finite(self.init_std):
+            raise ValueError(f"`init_std` must be a positive finite number (the paper uses 1e-3); got {self.init_std!r}.")
         for name in ("num_heads", "head_dim"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):

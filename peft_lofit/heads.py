@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .extras import require
 from .io import atomic_write_text
 
 FORMAT_VERSION = 1
@@ -74,7 +75,7 @@ class HeadSelection:
 
     def heatmap(self, path, title: Optional[str] = None, k: Optional[int] = None) -> Path:
         """Layer x head heatmap of the scores as a PNG; the top ``k`` heads are outlined."""
-        import matplotlib
+        matplotlib = require("matplotlib", "HeadSelection.heatmap")
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

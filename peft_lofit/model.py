@@ -10,14 +10,17 @@ from typing import Optional
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
 from peft.utils.other import AuxiliaryTrainingWrapper
+from peft.utils.other import _set_adapter as _set_auxiliary_adapter
 from torch import nn
 
 from .architectures import (
     DEFAULT_TARGET_MODULES,
     HeadGeometry,
+    ancestors,
     default_target_modules,
     head_geometry,
     layer_index,
+    model_type_of,
     projection_in_features,
 )
 from .config import LoFiTConfig
@@ -49,7 +52,7 @@ def find_projections(model: nn.Module, config: LoFiTConfig) -> dict[int, tuple[s
     a selected head names a layer without a projection or a head index past the layer's last head.
     """
     if config.target_modules is None:
-        config = replace(config, target_modules=default_target_modules(getattr(model.config, "model_type", None)))
+        config = replace(config, target_modules=default_target_modules(model_type_of(model)))
     tuner_layers = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
     found: dict[int, tuple[str, HeadGeometry]] = {}
     for name, module in model.named_modules():
@@ -68,10 +71,11 @@ def find_projections(model: nn.Module, config: LoFiTConfig) -> dict[int, tuple[s
             raise ValueError(
                 f"`target_modules` matched two modules in layer {layer}: {found[layer][0]!r} and {name!r}. LoFiT "
                 "needs exactly one attention output projection per layer; narrow `target_modules` "
-                "(e.g. 'attn.c_proj' rather than 'c_proj')."
+                "(e.g. 'attn.c_proj' rather than 'c_proj', or a regex such as r'models\\.0\\..*o_proj' when a "
+                "wrapper holds several models)."
             )
         geometry = head_geometry(
-            getattr(model, "config", None), projection_in_features(module), config.num_heads, config.head_dim
+            ancestors(model, name), projection_in_features(module), config.num_heads, config.head_dim
         )
         if isinstance(module, LoFiTLayer) and module.geometry != geometry:
             raise ValueError(
@@ -118,7 +122,8 @@ class LoFiTModel(BaseTuner):
     # ------------------------------------------------------------------------------------------------- injection
     def _prepare_adapter_config(self, peft_config: LoFiTConfig, model_config: dict) -> LoFiTConfig:
         if peft_config.target_modules is None:
-            peft_config.target_modules = default_target_modules(model_config.get("model_type"))
+            # from the model itself, not `model_config`: a wrapper without a config holds a transformers model inside
+            peft_config.target_modules = default_target_modules(model_type_of(self.model))
         return peft_config
 
     def _prepare_model(self, peft_config: LoFiTConfig, model: nn.Module) -> None:
@@ -136,7 +141,7 @@ class LoFiTModel(BaseTuner):
     def _create_and_replace(self, lofit_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         layer = layer_index(current_key)
         geometry = head_geometry(
-            getattr(self.model, "config", None),
+            ancestors(self.model, current_key),
             projection_in_features(target),
             lofit_config.num_heads,
             lofit_config.head_dim,
@@ -172,14 +177,22 @@ class LoFiTModel(BaseTuner):
         return remapped
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """PEFT's delete, then one active set for the whole model (layers hold different adapters, so PEFT's per-layer
-        fallback would pick different ones)."""
+        """PEFT's delete (which refuses merged adapters), then one active set for the whole model.
+
+        LoFiT layers hold only the adapters with a head in their layer, so PEFT's per-layer fallback would pick
+        different adapters in different layers. The new active set is applied without ``set_adapter``, which would
+        unmerge the adapters that are still merged.
+        """
         was_active = list(self.active_adapters)
         super().delete_adapter(adapter_name)
         remaining = [name for name in was_active if name != adapter_name and name in self.peft_config]
         if not remaining and self.peft_config:
             remaining = [sorted(self.peft_config)[0]]
-        self.set_adapter(remaining)
+        _set_auxiliary_adapter(self.model, remaining)  # modules_to_save copies
+        for module in self.model.modules():
+            if isinstance(module, LoFiTLayer):
+                module.set_adapter(remaining)
+        self.active_adapter = remaining
 
     # ------------------------------------------------------------------------------------------ mixed batches
     @contextmanager

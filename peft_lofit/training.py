@@ -15,10 +15,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from datasets import Dataset
-from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
-
 from peft import PeftConfig
+
+from .extras import missing_extra
+
+try:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+except ImportError as error:
+    raise missing_extra(error, "Training (localize, train_adapter, lofit)") from error
 
 from .distributed import has_accelerator
 from .frozen_prefix import FrozenPrefixCache

@@ -4,17 +4,46 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 
+import peft_lofit
 from peft_lofit.tasks import clutrr, get_task, mquake, truthfulqa
 from peft_lofit.tasks.base import data_root
 
 
-def test_data_is_found():
-    assert (data_root() / "truthfulqa" / "fold_0_train_seed_42.csv").is_file()
+def test_data_ships_inside_the_package(monkeypatch):
+    monkeypatch.delenv("LOFIT_DATA_DIR", raising=False)
+    assert data_root() == Path(peft_lofit.__file__).parent / "data"
+    for task in ("truthfulqa", "mquake", "clutrr"):
+        assert (data_root() / task / "PROTOCOL.md").is_file()
+    assert "CC BY-NC 4.0" in (data_root() / "clutrr" / "LICENSE.md").read_text()
+
+
+def test_data_dir_overrides_in_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOFIT_DATA_DIR", str(tmp_path / "from_env"))
+    assert data_root() == tmp_path / "from_env"
+    assert data_root(tmp_path / "explicit") == tmp_path / "explicit"
+    with pytest.raises(FileNotFoundError, match="--data-dir DIR.*data_dir=.*LOFIT_DATA_DIR"):
+        truthfulqa.load_truthfulqa("train")
+
+
+def test_nothing_refers_to_the_data_folder_beside_the_repository():
+    """A user who clones or installs the project never has the source copy of the data: nothing may read it."""
+    root = Path(__file__).resolve().parents[1]
+    pattern = re.compile(re.escape("/".join(["..", "shared"])) + "|" + re.escape("/".join(["shared", "data"])))
+    offenders = [
+        str(path.relative_to(root))
+        for folder in ("peft_lofit", "tests", "examples", "benchmarks")
+        for path in (root / folder).rglob("*")
+        if path.suffix in {".py", ".sh", ".md", ".yaml", ".cfg", ".toml"}
+        and pattern.search(path.read_text(encoding="utf-8", errors="ignore"))
+    ]
+    assert offenders == []
 
 
 def test_truthfulqa_splits_and_dpo_pairs():
@@ -29,9 +58,17 @@ def test_truthfulqa_splits_and_dpo_pairs():
     assert all_pairs[1]["rejected"] == " No, humans did not land on the moon in 1969"
 
 
-def test_truthfulqa_fold_is_a_parameter(tmp_path):
-    with pytest.raises(FileNotFoundError, match="fold 1 train split not found.*fold_1_train_seed_42.csv"):
-        truthfulqa.load_truthfulqa("train", fold=1)
+def test_truthfulqa_folds_are_complementary():
+    """Fold 1's test questions are fold 0's training and validation questions, and the other way round."""
+
+    def questions(fold, *splits):
+        return {q.question for split in splits for q in truthfulqa.load_truthfulqa(split, fold=fold)}
+
+    assert [len(truthfulqa.load_truthfulqa(s, fold=1)) for s in ("train", "val", "test")] == [327, 82, 408]
+    assert questions(1, "test") == questions(0, "train", "val")
+    assert questions(0, "test") == questions(1, "train", "val")
+    with pytest.raises(FileNotFoundError, match="fold 2 train split not found.*fold_2_train_seed_42.csv"):
+        truthfulqa.load_truthfulqa("train", fold=2)
 
 
 def test_truthfulqa_mc_prompt_is_the_protocols():

@@ -14,22 +14,27 @@ from tqdm.auto import tqdm
 
 from ..distributed import is_main_process
 
-# The repository's ../shared/data, relative to the project root (the folder holding the package).
-_PROJECT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+# The task data shipped inside the package (installed with the wheel; see peft_lofit/data/README.md).
+PACKAGED_DATA = Path(__file__).resolve().parents[1] / "data"
+DATA_DIR_VARIABLE = "LOFIT_DATA_DIR"
 
 
 def data_root(data_dir: Optional[str | os.PathLike] = None) -> Path:
-    """``data_dir`` if given, else ``$LOFIT_DATA_DIR``, else ``../shared/data`` beside the project."""
+    """``data_dir`` if given, else ``$LOFIT_DATA_DIR``, else the copy shipped in the package."""
     if data_dir is not None:
         return Path(data_dir)
-    if os.environ.get("LOFIT_DATA_DIR"):
-        return Path(os.environ["LOFIT_DATA_DIR"])
-    return _PROJECT_DATA
+    if os.environ.get(DATA_DIR_VARIABLE):
+        return Path(os.environ[DATA_DIR_VARIABLE])
+    return PACKAGED_DATA
 
 
 def existing_file(path: Path, what: str) -> Path:
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found at {path}. Pass the data folder with --data-dir (or data_dir=).")
+        raise FileNotFoundError(
+            f"{what} not found at {path}. Point the loaders at a folder with the task's files: `--data-dir DIR` on "
+            f"the command line, `data_dir=` in Python, or ${DATA_DIR_VARIABLE} (default: the copy shipped in "
+            f"peft_lofit/data)."
+        )
     return path
 
 

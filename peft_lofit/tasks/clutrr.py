@@ -1,4 +1,4 @@
-"""CLUTRR task 1.2 (family-relation reasoning) as LoFiT uses it; see ``shared/data/clutrr/PROTOCOL.md``.
+"""CLUTRR task 1.2 (family-relation reasoning) as LoFiT uses it; see ``peft_lofit/data/clutrr/PROTOCOL.md``.
 
 The prompt asks how ``per2`` is related to ``per1`` and ends with ``Answer: {per2} is {per1} 's`` and a newline; SFT
 target ``target_text`` then EOS; evaluation: greedy generation up to the first full stop or newline, stripped and

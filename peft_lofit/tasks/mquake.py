@@ -1,4 +1,4 @@
-"""MQuAKE (counterfactual multi-hop knowledge editing) as LoFiT uses it; see ``shared/data/mquake/PROTOCOL.md``.
+"""MQuAKE (counterfactual multi-hop knowledge editing) as LoFiT uses it; see ``peft_lofit/data/mquake/PROTOCOL.md``.
 
 prompt: ``Q: Imagine that {edited fact}. {questions[0]} A:``; SFT target ``" " + new_answer`` then EOS; evaluation:
 greedy generation, first line, case-insensitive exact match against ``new_answer`` and its aliases.

@@ -1,6 +1,6 @@
 """TruthfulQA as LoFiT uses it: DPO on (best answer, first incorrect answer) pairs; MC1/MC2/MC3 by log-likelihood.
 
-See ``shared/data/truthfulqa/PROTOCOL.md``. Scoring text for an answer ``a`` to question ``q``:
+See ``peft_lofit/data/truthfulqa/PROTOCOL.md``. Scoring text for an answer ``a`` to question ``q``:
 
     instruction + "\\n\\n" + primer + "\\n\\nQ: " + q + "\\nA: " + a        (only a's tokens are scored)
 
