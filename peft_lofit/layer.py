@@ -9,11 +9,13 @@ Only the K selected heads are stored (``(K, d)`` per vector). In ``forward`` the
 ``(H * d,)`` vectors, so the edit is one multiply and one add over the projection input, whatever K is.
 
 Merging is exact: ``W ((1 + A) * z + v) + b = (W diag(1 + A)) z + (W v + b)``; where the projection has no bias,
-merging an offset creates one, and unmerging removes it again.
+merging an offset creates one, and unmerging removes it again. Several adapters edit as
+``z <- prod_i (1 + A_i) * z + sum_i v_i``.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -50,8 +52,8 @@ def quantized_merge_message(weight_type: str) -> str:
 class LoFiTLayer(nn.Module, BaseTunerLayer):
     """Wraps an ``nn.Linear`` or GPT-2 ``Conv1D`` output projection with one or more LoFiT adapters.
 
-    Several active adapters are applied in order (the first one innermost):
-    ``z <- (1 + A_2) * ((1 + A_1) * z + v_1) + v_2``.
+    Several active adapters combine as scalings that multiply and offsets that add, so their order does not matter
+    and they merge one by one or together to the same layer: ``z <- (1 + A_1)(1 + A_2) * z + v_1 + v_2``.
     """
 
     adapter_layer_names = ("lofit_scaling", "lofit_offset")
@@ -144,27 +146,39 @@ class LoFiTLayer(nn.Module, BaseTunerLayer):
             offset = vector.new_zeros(num_heads, head_dim).index_copy(0, index, vector).flatten()  # (H*d,)
         return scale, offset
 
-    def edit(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
-        """Apply the given adapters, in order, to the projection input ``x`` of shape ``(..., H * d)``."""
-        input_dtype = x.dtype
+    def combined_vectors(self, adapter_names: list[str]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(prod_i (1 + A_i), sum_i v_i)`` over the given adapters that this layer holds, each ``(H * d,)``; None
+        where none of them has that vector. Differentiable."""
+        scale = offset = None
         for name in adapter_names:
             if name not in self.lofit_head_index:
                 continue
-            scale, offset = self.dense_vectors(name)
-            vector_dtype = (scale if scale is not None else offset).dtype
-            x = self._cast_input_dtype(x, vector_dtype)
-            if scale is not None:
-                x = x * scale
-            if offset is not None:
-                x = x + offset
+            name_scale, name_offset = self.dense_vectors(name)
+            if name_scale is not None:
+                scale = name_scale if scale is None else scale * name_scale
+            if name_offset is not None:
+                offset = name_offset if offset is None else offset + name_offset
+        return scale, offset
+
+    def edit(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        """``x * prod_i (1 + A_i) + sum_i v_i`` for the projection input ``x`` of shape ``(..., H * d)``."""
+        scale, offset = self.combined_vectors(adapter_names)
+        if scale is None and offset is None:
+            return x
+        input_dtype = x.dtype
+        x = self._cast_input_dtype(x, (scale if scale is not None else offset).dtype)
+        if scale is not None:
+            x = x * scale
+        if offset is not None:
+            x = x + offset
         return x.to(input_dtype)
 
     def _mixed_batch_edit(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
         """Edit each row of the batch with its own adapter (``"__base__"``: no edit)."""
         if len(adapter_names) != x.shape[0]:
             raise ValueError(
-                f"`adapter_names` has {len(adapter_names)} entries but the batch has {x.shape[0]} rows; pass one "
-                "adapter name per row (use '__base__' for rows without an adapter)."
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {x.shape[0]} respectively (one name per batch row; '__base__' for none)."
             )
         edited = x.clone()
         for name in set(adapter_names):
@@ -181,7 +195,9 @@ class LoFiTLayer(nn.Module, BaseTunerLayer):
                 self.unmerge()
         elif adapter_names is not None:
             if self.merged:
-                raise ValueError("Cannot pass `adapter_names` while adapters are merged; call unmerge_adapter() first.")
+                raise ValueError(
+                    "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+                )
             x = self._mixed_batch_edit(x, adapter_names)
         elif not self.merged:
             x = self.edit(x, self.active_adapters)
@@ -196,36 +212,45 @@ class LoFiTLayer(nn.Module, BaseTunerLayer):
         """``W v`` for a weight stored in this layer's layout."""
         return vector @ weight if self.is_conv1d else weight @ vector
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Fold the adapters into the projection: ``W <- W diag(1 + A)``, ``b <- b + W v``.
+    def _merged_vectors(self, adapter_names: list[str]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        scale, offset = self.combined_vectors(adapter_names)
+        return (t.detach().float() if t is not None else None for t in (scale, offset))
 
-        Adapters are merged last-first, so that the merged layer applies them in the same order as ``forward``.
-        With ``safe_merge`` the result is computed on copies and checked for NaN/inf before anything is written.
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold adapters into the projection: ``W <- W diag(S)``, ``b <- b + W_0 V`` with ``S = prod (1 + A)``,
+        ``V = sum v`` over the adapters, and ``W_0`` the weight before any merge.
+
+        Scalings multiply and offsets add, so merging adapters together or one after the other, in any order, gives
+        the same layer as ``forward``. ``W_0 V`` is ``W (V / S_merged)`` where adapters with scalings ``S_merged``
+        are already merged (exact when nothing is merged yet). With ``safe_merge`` the result is computed on copies
+        and checked for NaN/inf before anything is written. Computed in float32, written in the weight's dtype.
         """
-        adapter_names = check_adapters_to_merge(self, adapter_names)
+        adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.lofit_head_index]
+        if not adapter_names:
+            return
         base = self.get_base_layer()
-        if adapter_names and not has_plain_weight(base):
+        if not has_plain_weight(base):
             raise ValueError(quantized_merge_message(type(base.weight.data).__name__))
-        for name in reversed(adapter_names):
-            if name not in self.lofit_head_index:
-                continue
-            scale, offset = (t.detach().float() if t is not None else None for t in self.dense_vectors(name))
-            weight = base.weight.data.float()
-            new_weight = weight * scale.view(self._input_axis_shape()) if scale is not None else weight
-            new_bias = None
-            if offset is not None:
-                old_bias = base.bias.data.float() if base.bias is not None else weight.new_zeros(self.out_features)
-                new_bias = old_bias + self._project(weight, offset)
-            if safe_merge and not all(torch.isfinite(t).all() for t in (new_weight, new_bias) if t is not None):
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            base.weight.data = new_weight.to(base.weight.dtype)
-            if new_bias is not None:
-                if base.bias is None:
-                    base.bias = nn.Parameter(new_bias.to(base.weight.dtype), requires_grad=False)
-                    self._bias_created_by_merge = True
-                else:
-                    base.bias.data = new_bias.to(base.bias.dtype)
-            self.merged_adapters.append(name)
+        scale, offset = self._merged_vectors(adapter_names)
+        merged_scale, _ = self._merged_vectors(self.merged_adapters)
+        weight = base.weight.data.float()
+        new_weight = weight * scale.view(self._input_axis_shape()) if scale is not None else weight
+        new_bias = None
+        if offset is not None:
+            original_offset = offset / merged_scale if merged_scale is not None else offset
+            old_bias = base.bias.data.float() if base.bias is not None else weight.new_zeros(self.out_features)
+            new_bias = old_bias + self._project(weight, original_offset)
+        if safe_merge and not all(torch.isfinite(t).all() for t in (new_weight, new_bias) if t is not None):
+            broken = ", ".join(adapter_names)
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {broken} seems to be broken")
+        base.weight.data = new_weight.to(base.weight.dtype)
+        if new_bias is not None:
+            if base.bias is None:
+                base.bias = nn.Parameter(new_bias.to(base.weight.dtype), requires_grad=False)
+                self._bias_created_by_merge = True
+            else:
+                base.bias.data = new_bias.to(base.bias.dtype)
+        self.merged_adapters.extend(adapter_names)
 
     def min_scale(self, adapter_names: list[str]) -> float:
         """Smallest ``|1 + A|`` over the given adapters (1.0 when they have no scaling)."""
@@ -234,19 +259,19 @@ class LoFiTLayer(nn.Module, BaseTunerLayer):
         return min(values, default=1.0)
 
     def unmerge(self) -> None:
-        """Undo ``merge`` (newest first): ``b <- b - W v``, ``W <- W diag(1 / (1 + A))``; drop a bias merge created."""
+        """Undo every merge: ``W_0 = W / S``, ``b <- b - W_0 V`` over all merged adapters; drop a bias merge created."""
+        if not self.merged_adapters:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
         base = self.get_base_layer()
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name not in self.lofit_head_index:
-                continue
-            scale, offset = (t.detach().float() if t is not None else None for t in self.dense_vectors(name))
-            weight = base.weight.data.float()
-            if scale is not None:
-                weight = weight / scale.view(self._input_axis_shape())
-                base.weight.data = weight.to(base.weight.dtype)
-            if offset is not None:
-                base.bias.data = (base.bias.data.float() - self._project(weight, offset)).to(base.bias.dtype)
+        scale, offset = self._merged_vectors(self.merged_adapters)
+        weight = base.weight.data.float()
+        if scale is not None:
+            weight = weight / scale.view(self._input_axis_shape())
+            base.weight.data = weight.to(base.weight.dtype)
+        if offset is not None:
+            base.bias.data = (base.bias.data.float() - self._project(weight, offset)).to(base.bias.dtype)
+        self.merged_adapters.clear()
         if self._bias_created_by_merge:
             base.bias = None
             self._bias_created_by_merge = False

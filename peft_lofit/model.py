@@ -25,7 +25,7 @@ from .architectures import (
 )
 from .config import LoFiTConfig
 from .layer import BASE_ADAPTER_NAME, LoFiTLayer, has_plain_weight, quantized_merge_message
-from .merging import check_can_carry_biases, make_config_carry_biases
+from .merging import carry_merged_biases, check_can_carry_biases
 
 
 def _adapter_names_pre_forward_hook(module, args, kwargs, adapter_names):
@@ -229,15 +229,16 @@ class LoFiTModel(BaseTuner):
                 handle.remove()
 
     # ------------------------------------------------------------------------------------------------- merging
-    def _check_mergeable(self) -> None:
-        """Refuse, before any layer changes, to merge into quantized projections."""
+    def _check_merge_allowed(self) -> None:
+        """PEFT's checks, then refuse, before any layer changes, to merge into quantized projections (both merge paths
+        call this hook)."""
+        super()._check_merge_allowed()
         for module in self.model.modules():
             if isinstance(module, LoFiTLayer) and not has_plain_weight(module.get_base_layer()):
                 raise ValueError(quantized_merge_message(type(module.get_base_layer().weight.data).__name__))
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Merge reversibly; refuses scalings with ``1 + A`` near 0, which unmerging would have to divide by."""
-        self._check_mergeable()
         names = adapter_names if adapter_names is not None else self.active_adapters
         for module_name, module in self.model.named_modules():
             if isinstance(module, LoFiTLayer) and module.min_scale(names) < 1e-4:
@@ -260,17 +261,14 @@ class LoFiTModel(BaseTuner):
     def _unload_and_optionally_merge(
         self, merge=True, progressbar=False, safe_merge=False, adapter_names=None
     ) -> nn.Module:
-        """PEFT's unload, with two LoFiT checks around a merge: before it, that the offsets can be carried as biases
-        by a saved checkpoint; after it, that the config loads those biases (see ``merging``)."""
+        """PEFT's unload, with a LoFiT step on each side of a merge: before it, check that some route can carry the
+        merged offsets as output-projection biases; after it, put the model in that form (see ``merging``)."""
         if merge:
-            self._check_mergeable()
             check_can_carry_biases(self.model, self._layers_needing_bias(adapter_names))
         model = super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
-        if merge:
-            make_config_carry_biases(model)
-        return model
+        return carry_merged_biases(model) if merge else model
 
     # ------------------------------------------------------------------------------------------ weighted sums
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:

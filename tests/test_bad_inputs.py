@@ -130,7 +130,7 @@ def test_adapter_loaded_onto_other_geometry_names_parameter_and_shapes(tmp_path)
 
 def test_mixed_batch_length_mismatch(inputs):
     model = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=[[0, 1]], init_weights=False)).eval()
-    with pytest.raises(ValueError, match="`adapter_names` has 2 entries but the batch has 3 rows"):
+    with pytest.raises(ValueError, match="Length of `adapter_names` should be the same as the number of inputs, but got 2 and 3"):
         model(inputs, adapter_names=["default", "default"])
 
 

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, CAN_CARRY_OFFSETS, projection_of, tiny_model
+from conftest import ARCHITECTURES, projection_of, tiny_model
 from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -178,68 +176,6 @@ def test_auto_peft_model_loads_base_and_adapter(inputs, tmp_path):
         assert torch.equal(loaded(inputs).logits, expected)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_merge_unmerge_restores_base_weights(arch, inputs):
-    model = get_peft_model(tiny_model(arch), LoFiTConfig(heads=HEADS, use_scaling=True, init_weights=False))
-    base_state = {k: v.clone() for k, v in model.base_model.model.state_dict().items() if "lofit" not in k}
-    with torch.no_grad():
-        expected = model(inputs).logits
-        model.merge_adapter()
-        torch.testing.assert_close(model(inputs).logits, expected, atol=1e-5, rtol=1e-5)
-        model.unmerge_adapter()
-    state = {k: v for k, v in model.base_model.model.state_dict().items() if "lofit" not in k}
-    assert state.keys() == base_state.keys()  # a bias created by merging is gone again
-    for key, value in base_state.items():
-        torch.testing.assert_close(state[key], value, atol=1e-6, rtol=0)
-
-
-@pytest.mark.parametrize("arch", sorted(CAN_CARRY_OFFSETS))
-def test_merge_and_unload_survives_save_and_plain_reload(arch, inputs, tmp_path):
-    model = get_peft_model(tiny_model(arch), LoFiTConfig(heads=HEADS, use_scaling=True, init_weights=False))
-    with torch.no_grad():
-        expected = model(inputs).logits
-    merged = model.merge_and_unload()
-    assert not any(isinstance(m, LoFiTLayer) for m in merged.modules())
-    with torch.no_grad():
-        torch.testing.assert_close(merged(inputs).logits, expected, atol=1e-5, rtol=1e-5)
-    merged.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(inputs).logits, expected, atol=1e-5, rtol=1e-5)
-
-
-def test_merged_checkpoint_loads_without_peft_lofit(inputs, tmp_path):
-    model = get_peft_model(tiny_model("llama_gqa"), LoFiTConfig(heads=HEADS, use_scaling=True, init_weights=False))
-    with torch.no_grad():
-        expected = model(inputs).logits
-    model.merge_and_unload().save_pretrained(tmp_path / "merged")
-    torch.save({"inputs": inputs, "expected": expected}, tmp_path / "io.pt")
-    script = (
-        "import sys, torch\n"
-        "from transformers import AutoModelForCausalLM\n"
-        f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
-        f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'merged')!r}).eval()\n"
-        "assert 'peft_lofit' not in sys.modules and 'peft' not in sys.modules\n"
-        "with torch.no_grad():\n"
-        "    torch.testing.assert_close(model(io['inputs']).logits, io['expected'], atol=1e-5, rtol=1e-5)\n"
-        "print('ok')\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
-
-
-@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
-def test_merge_and_unload_refuses_offsets_without_bias_switch(arch, inputs):
-    model = get_peft_model(tiny_model(arch), LoFiTConfig(heads=HEADS, init_weights=False))
-    with torch.no_grad():
-        expected = model(inputs).logits
-    with pytest.raises(ValueError, match="no bias.*Keep the adapter unmerged"):
-        model.merge_and_unload()
-    assert sum(isinstance(m, LoFiTLayer) for m in model.modules()) == 2  # untouched
-    with torch.no_grad():
-        assert torch.equal(model(inputs).logits, expected)
-
-
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])
 def test_scaling_only_adapter_merges_without_bias(arch, inputs):
     model = get_peft_model(tiny_model(arch), LoFiTConfig(heads=HEADS, use_scaling=True, use_offset=False, init_weights=False))
@@ -249,91 +185,10 @@ def test_scaling_only_adapter_merges_without_bias(arch, inputs):
         torch.testing.assert_close(merged(inputs).logits, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_unload_returns_base_state_dict_unchanged():
-    base = tiny_model("llama")
-    base_state = {k: v.clone() for k, v in base.state_dict().items()}
-    model = get_peft_model(base, LoFiTConfig(heads=HEADS, use_scaling=True, init_weights=False))
-    unloaded = model.unload()
-    state = unloaded.state_dict()
-    assert state.keys() == base_state.keys()
-    assert all(torch.equal(state[k], base_state[k]) for k in state)
-
-
-def test_safe_merge_detects_nans():
-    model = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=HEADS, init_weights=False))
-    layer = next(m for m in model.modules() if isinstance(m, LoFiTLayer))
-    with torch.no_grad():
-        layer.lofit_offset["default"][0, 0] = float("nan")
-    def base_weights():
-        return {k: v.clone() for k, v in model.base_model.model.state_dict().items() if "lofit_" not in k}
-
-    before = base_weights()
-    with pytest.raises(ValueError, match="NaNs detected in the merged weights. The adapter default seems to be broken"):
-        model.merge_adapter(safe_merge=True)
-    after = base_weights()
-    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
-    assert not layer.merged
-
-
 def two_adapter_model():
     model = get_peft_model(tiny_model("llama_gqa"), LoFiTConfig(heads=[[0, 1], [1, 2]], init_weights=False))
     model.add_adapter("other", LoFiTConfig(heads=[[0, 3], [1, 2]], use_scaling=True, init_weights=False))
     return model.eval()
-
-
-def test_mixed_batch_equals_per_adapter_runs(inputs):
-    model = two_adapter_model()
-    with torch.no_grad():
-        model.set_adapter("default")
-        out_default = model(inputs).logits
-        model.set_adapter("other")
-        out_other = model(inputs).logits
-        with model.disable_adapter():
-            out_base = model(inputs).logits
-        mixed = model(inputs, adapter_names=["default", "other", "__base__"]).logits
-    torch.testing.assert_close(mixed[0], out_default[0], atol=1e-6, rtol=0)
-    torch.testing.assert_close(mixed[1], out_other[1], atol=1e-6, rtol=0)
-    torch.testing.assert_close(mixed[2], out_base[2], atol=1e-6, rtol=0)
-
-
-@pytest.mark.parametrize("num_beams", [1, 2])
-def test_mixed_batch_generate(inputs, num_beams):
-    model = two_adapter_model()
-    kwargs = dict(max_new_tokens=4, do_sample=False, num_beams=num_beams, pad_token_id=0)
-    with torch.no_grad():
-        mixed = model.generate(input_ids=inputs[:2], adapter_names=["default", "other"], **kwargs)
-        model.set_adapter("default")
-        first = model.generate(input_ids=inputs[:1], **kwargs)
-        model.set_adapter("other")
-        second = model.generate(input_ids=inputs[1:2], **kwargs)
-    assert torch.equal(mixed[0], first[0]) and torch.equal(mixed[1], second[0])
-
-
-def test_unknown_adapter_name_in_mixed_batch(inputs):
-    with pytest.raises(ValueError, match="non-existing adapter.*typo"):
-        two_adapter_model()(inputs, adapter_names=["default", "typo", "other"])
-
-
-def test_several_active_adapters_compose_in_order(inputs):
-    model = two_adapter_model()
-    model.base_model.set_adapter(["default", "other"])
-    with torch.no_grad():
-        both = model(inputs).logits
-        model.merge_adapter()
-        torch.testing.assert_close(model(inputs).logits, both, atol=1e-5, rtol=1e-5)
-        model.unmerge_adapter()
-        with model.disable_adapter():
-            base = model(inputs).logits
-    assert (both - base).abs().max() > 1e-3
-
-
-def test_disable_adapter_equals_base(inputs):
-    base = tiny_model("llama")
-    with torch.no_grad():
-        expected = base(inputs).logits
-    model = get_peft_model(base, LoFiTConfig(heads=HEADS, use_scaling=True, init_weights=False))
-    with torch.no_grad(), model.disable_adapter():
-        assert torch.equal(model(inputs).logits, expected)
 
 
 def test_delete_adapter_removes_every_trace(inputs):
@@ -438,7 +293,7 @@ def test_merge_adapter_refuses_non_invertible_scaling_but_merge_and_unload_works
 
 
 def test_merge_and_unload_after_merge_adapter_checks_bias_first():
-    model = get_peft_model(tiny_model("mistral"), LoFiTConfig(heads=HEADS, init_weights=False))
+    model = get_peft_model(tiny_model("mistral", sliding_window=4), LoFiTConfig(heads=HEADS, init_weights=False))
     model.merge_adapter()  # in memory the offsets sit in a bias created for the purpose
     with pytest.raises(ValueError, match="no bias.*Keep the adapter unmerged"):
         model.merge_and_unload()
