@@ -31,6 +31,7 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "olmo2": ["self_attn.o_proj"],
     "gpt2": ["attn.c_proj"],
     "gpt_neox": ["attention.dense"],
+    "gptj": ["attn.out_proj"],
     "opt": ["self_attn.out_proj"],
 }
 

@@ -22,7 +22,7 @@ from conftest import ARCHITECTURES, ConfiglessWrapper, outputs_of, tiny_model
 from peft import PeftConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPTJConfig
 
 from peft_lofit import LoFiTConfig, LoFiTLayer
 
@@ -254,6 +254,21 @@ def test_sliding_window_offsets_are_refused_before_touching_the_model(arch, wind
     close(run(scalings_only.merge_and_unload(), inputs), expected)  # nothing to carry: merges natively
 
 
+def test_gptj_offsets_merge_in_memory_but_are_refused_for_a_checkpoint(inputs):
+    """GPT-J's out_proj has no bias and its config no switch, and no stock architecture computes what it does."""
+    config = GPTJConfig(vocab_size=64, n_embd=32, n_head=4, n_layer=2, n_positions=64, rotary_dim=4, bos_token_id=1,
+                        eos_token_id=2)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config).eval(), lofit("both")).eval()
+    expected = run(model, inputs)
+    model.merge_adapter()
+    close(run(model, inputs), expected)
+    model.unmerge_adapter()
+    with pytest.raises(ValueError, match="Cannot merge LoFiT offsets into gptj.*Keep the adapter unmerged"):
+        model.merge_and_unload()
+    close(run(model, inputs), expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("arch, wrapped", FAMILY_CASES, ids=map(case_id, FAMILY_CASES))
 def test_half_precision_merges(arch, wrapped, dtype, inputs):
@@ -481,3 +496,9 @@ def test_config_round_trips_like_peft_configs(tmp_path):
         assert clone.to_dict() == config.to_dict()
     with pytest.raises(ValueError, match="Invalid task type"):
         LoFiTConfig(task_type="invalid-task-type")
+
+
+def test_peft_mixed_model_is_refused_by_peft():
+    """Documented limitation: PEFT hard-codes the tuner types PeftMixedModel accepts."""
+    with pytest.raises(ValueError, match="'LOFIT' is not compatible with the `PeftMixedModel`"):
+        get_peft_model(tiny_model("llama"), LoFiTConfig(heads=HEADS), mixed=True)
