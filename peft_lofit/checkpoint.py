@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from peft import PeftModel
+
+from .io import staging_dir
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -33,8 +34,7 @@ def save_adapter(peft_model, folder, **save_kwargs) -> Path:
     under the name ``.NAME.old-*`` beside it).
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.new-", dir=folder.parent))
+    staging = staging_dir(folder, "new")
     try:
         peft_model.save_pretrained(staging, **save_kwargs)
         if folder.exists():
@@ -42,7 +42,7 @@ def save_adapter(peft_model, folder, **save_kwargs) -> Path:
                 if not (staging / item.name).exists():
                     copy = shutil.copytree if item.is_dir() else shutil.copy2
                     copy(item, staging / item.name)
-            backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            backup = staging_dir(folder, "old")
             os.replace(folder, backup / folder.name)
             os.replace(staging, folder)
             shutil.rmtree(backup, ignore_errors=True)

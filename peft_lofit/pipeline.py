@@ -18,7 +18,7 @@ import torch
 
 from .checkpoint import save_adapter
 from .config import LoFiTConfig
-from .default_model import load_model_and_tokenizer
+from .default_model import DEFAULT_MODEL, describe_base_model, load_model_and_tokenizer
 from .distributed import barrier, is_main_process
 from .heads import HeadSelection, random_heads
 from .io import atomic_write_json
@@ -38,6 +38,7 @@ class PipelineSettings:
 
     task: str = "truthfulqa"
     model: Optional[str] = None  # None: the embedded SmolLM2-135M-Instruct
+    base_model_id: Optional[str] = None  # the model's Hub id for the card; None: found from `model` where it can be
     data_dir: Optional[str] = None
     fold: int = 0
     k: Optional[int] = None
@@ -97,7 +98,7 @@ def select_heads(settings: PipelineSettings, model, tokenizer, rows, output: Pat
             rows,
             get_task(settings.task).objective,
             settings=settings.localize,
-            metadata={"task": settings.task, "model": settings.model or "SmolLM2-135M-Instruct"},
+            metadata={"task": settings.task, "model": settings.model or DEFAULT_MODEL},
         )
         timings["localize_s"] = time.perf_counter() - start
     else:
@@ -147,6 +148,9 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
         settings.heads, settings.localize.l1_lambda = search["head_selection"], search["best"]
     if model is None:
         model, tokenizer = load_model_and_tokenizer(settings.model)
+    # the id the card names: the loaded model's own path says more than settings.model for a model passed in
+    name_or_path = getattr(model, "name_or_path", "")
+    hub_id, weights_source = describe_base_model(name_or_path) if name_or_path else (None, None)
     check_heads_fit(settings, heads_per_layer(model))
     for step, name in ((settings.localize, "localize"), (settings.train, "train")):
         step.output_dir = str(output / "checkpoints" / name)
@@ -170,7 +174,9 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
     trainable, _ = peft_model.get_nb_trainable_parameters()
     results = {
         "task": settings.task,
-        "model": settings.model or "SmolLM2-135M-Instruct",
+        "model": settings.model or DEFAULT_MODEL,
+        "base_model_id": settings.base_model_id or hub_id,
+        "base_model_source": None if settings.base_model_id else weights_source,
         "heads": heads,
         "num_heads_selected": len(heads),
         "trainable_parameters": trainable,

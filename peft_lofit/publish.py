@@ -48,10 +48,21 @@ def describe_l1_search(search: dict) -> str:
     return f"{search['metric']} on the {search['split']} split among {tried}"
 
 
+def _hub_id(name: Optional[str]) -> Optional[str]:
+    """``name`` if it can be a Hub id ("org/name" that is not a local path), else None: a card never names a path."""
+    if not name or Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") != 1:
+        return None
+    return name
+
+
 def model_card(config: dict, metrics: Optional[dict] = None, repo_id: Optional[str] = None) -> str:
-    """The Markdown model card for an adapter with config dict ``config`` (and pipeline ``metrics``, if known)."""
+    """The Markdown model card for an adapter with config dict ``config`` (and pipeline ``metrics``, if known).
+
+    ``base_model`` is a Hub id (``metrics["base_model_id"]``, else the config's ``base_model_name_or_path`` when it
+    is one), never a local path; without one the card says how to add it.
+    """
     metrics = metrics or {}
-    base_model = config.get("base_model_name_or_path") or metrics.get("model")
+    base_model = _hub_id(metrics.get("base_model_id")) or _hub_id(config.get("base_model_name_or_path"))
     task = metrics.get("task")
     heads = config.get("heads")
     vectors = [name for name, on in (("scaling A", config.get("use_scaling")), ("offset v", config.get("use_offset"))) if on]
@@ -70,6 +81,9 @@ def model_card(config: dict, metrics: Optional[dict] = None, repo_id: Optional[s
         f"model = PeftModel.from_pretrained(base, {load_id!r})\n"
         "merged = model.merge_and_unload()  # optional: a plain transformers model, offsets in o_proj's bias\n```",
         "## Adapter",
+        f"- base model: {base_model}" + (f", trained on {metrics['base_model_source']}"
+                                         if metrics.get("base_model_source") else "")
+        if base_model else "- base model: not recorded (a local folder); rerun `lofit run` with `--base-model-id`",
         f"- vectors: {', '.join(vectors) or 'none'}",
         f"- heads ({'all' if heads is None else len(heads)}): "
         + ("every head of every targeted layer" if heads is None else ", ".join(f"[{l}, {h}]" for l, h in heads)),

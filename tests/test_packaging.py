@@ -1,0 +1,105 @@
+"""The package stands on its own: lean core imports, the data inside the wheel, files others can read."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import tiny_model
+from peft import get_peft_model
+
+import peft_lofit
+from peft_lofit import LoFiTConfig
+from peft_lofit.checkpoint import save_adapter
+from peft_lofit.heads import HeadSelection
+from peft_lofit.io import atomic_write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINE_ONLY = ("trl", "datasets", "gguf", "matplotlib")  # accelerate, huggingface_hub, tqdm come with peft itself
+
+BLOCK_OPTIONAL_IMPORTS = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {PIPELINE_ONLY!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def run_python(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "tests")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+
+
+def test_the_tuner_works_without_the_pipeline_extras(tmp_path):
+    code = BLOCK_OPTIONAL_IMPORTS + f"""
+import torch
+from conftest import tiny_model
+from peft import PeftModel, get_peft_model
+import peft_lofit
+from peft_lofit import LoFiTConfig
+inputs = torch.randint(3, 64, (2, 5))
+model = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=[[0, 1], [1, 2]], init_weights=False)).eval()
+with torch.no_grad():
+    expected = model(inputs).logits
+model.save_pretrained({str(tmp_path / "adapter")!r})
+loaded = PeftModel.from_pretrained(tiny_model("llama"), {str(tmp_path / "adapter")!r}).eval()
+merged = loaded.merge_and_unload()
+with torch.no_grad():
+    torch.testing.assert_close(merged(inputs).logits, expected, atol=1e-5, rtol=1e-5)
+assert not set({PIPELINE_ONLY!r}) & set(sys.modules), sorted(set({PIPELINE_ONLY!r}) & set(sys.modules))
+print("ok")
+"""
+    result = run_python(code, tmp_path)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_a_missing_extra_is_one_line_naming_it(tmp_path):
+    code = BLOCK_OPTIONAL_IMPORTS + "from peft_lofit import cli\nraise SystemExit(cli.main(['localize']))"
+    result = run_python(code, tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "lofit: error: Training (localize, train_adapter, lofit) needs the package 'datasets', which is not installed: "
+        'pip install "peft_lofit[train]"'
+    )
+
+
+def test_the_wheel_ships_every_data_file(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = tmp_path.glob("peft_lofit-*.whl")
+    shipped = {name for name in zipfile.ZipFile(wheel).namelist() if "/data/" in name}
+    data = Path(peft_lofit.__file__).parent / "data"
+    expected = {f"peft_lofit/data/{path.relative_to(data).as_posix()}" for path in data.rglob("*") if path.is_file()}
+    assert expected and expected == shipped
+
+
+@pytest.fixture
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_written_files_have_save_pretrained_s_permissions(tmp_path, umask_022):
+    model = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=[[0, 1]]))
+    model.save_pretrained(tmp_path / "plain")
+    folder = save_adapter(model, tmp_path / "atomic")
+    assert mode(folder) == mode(tmp_path / "plain") == 0o755
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
+        assert mode(folder / name) == mode(tmp_path / "plain" / name)  # safetensors itself writes 0600
+    assert mode(atomic_write_json(tmp_path / "metrics.json", {"a": 1})) == 0o644
+    assert mode(HeadSelection(scores=[[0.1, 0.2]]).save(tmp_path / "heads.json")) == 0o644
