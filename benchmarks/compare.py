@@ -44,13 +44,34 @@ from peft_lofit.tasks import get_task
 from peft_lofit.training import TrainSettings, train_adapter
 
 METHODS = (
-    "base", "lofit", "lofit_random", "lofit_all_heads", "lofit_iti_heads", "lofit_other_heads", "lora_r8", "lora_r1",
-    "ia3", "iti", "repe",
+    "base",
+    "lofit",
+    "lofit_random",
+    "lofit_all_heads",
+    "lofit_iti_heads",
+    "lofit_other_heads",
+    "lora_r8",
+    "lora_r1",
+    "ia3",
+    "iti",
+    "repe",
 )
 COMPUTED = ("iti", "repe")  # offsets computed from activations (TruthfulQA only), nothing trained
 ROW_FIELDS = (
-    "method", "seed", "train_rows", "k", "trainable_parameters", "adapter_bytes", "localize_s", "train_s",
-    "step_s", "steps", "localize_peak_memory_mb", "peak_memory_mb", "metrics", "latency",
+    "method",
+    "seed",
+    "train_rows",
+    "k",
+    "trainable_parameters",
+    "adapter_bytes",
+    "localize_s",
+    "train_s",
+    "step_s",
+    "steps",
+    "localize_peak_memory_mb",
+    "peak_memory_mb",
+    "metrics",
+    "latency",
 )
 
 
@@ -125,9 +146,13 @@ class SavedActivations(TrainerCallback):
         self._hooks.__exit__(*exc)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if args is not None and (args.n_gpu > 1 or args.gradient_accumulation_steps > 1 or args.gradient_checkpointing):
-            raise ValueError("SavedActivations counts one process on one device, one batch per step and no gradient "
-                             "checkpointing; turn off DataParallel, gradient accumulation and checkpointing.")
+        if args is not None and (
+            args.n_gpu > 1 or args.gradient_accumulation_steps > 1 or args.gradient_checkpointing
+        ):
+            raise ValueError(
+                "SavedActivations counts one process on one device, one batch per step and no gradient "
+                "checkpointing; turn off DataParallel, gradient accumulation and checkpointing."
+            )
         self._excluded = {self._key(tensor) for tensor in (*model.parameters(), *model.buffers())}
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -164,8 +189,9 @@ def latency(model, vocab: int, prefill_shape=(8, 256), decode_tokens=64, repeats
 
     def decode():
         with torch.no_grad():
-            model.generate(short, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False,
-                           pad_token_id=0)
+            model.generate(
+                short, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False, pad_token_id=0
+            )
 
     return {"prefill_s": median_time(prefill, repeats, warmup), "decode_s": median_time(decode, repeats, warmup)}
 
@@ -179,7 +205,11 @@ def interleaved_latency(args, methods: list[str]) -> dict:
     model, _ = load_model_and_tokenizer(args.model)
     vocab = model.config.vocab_size
     k = resolve_k(sum(heads_per_layer(model)), fraction=args.fraction)
-    heads = HeadSelection.load(args.head_selection).top(k) if args.head_selection else random_heads(heads_per_layer(model), k)
+    heads = (
+        HeadSelection.load(args.head_selection).top(k)
+        if args.head_selection
+        else random_heads(heads_per_layer(model), k)
+    )
     from peft import get_peft_model
 
     variants = {"base": model.eval()}  # one copy of the base model per method: PEFT cannot mix adapter types
@@ -204,9 +234,14 @@ def interleaved_latency(args, methods: list[str]) -> dict:
             if round_index:
                 for key, value in result.items():
                     times.setdefault(key, []).append(value)
-    medians = {key: {m: statistics.median(r[m] for r in runs) for m in ("prefill_s", "decode_s")} for key, runs in times.items()}
-    return {key: {**value, **{f"{m}_vs_base": value[m] / medians["base"][m] for m in ("prefill_s", "decode_s")}}
-            for key, value in medians.items()}
+    medians = {
+        key: {m: statistics.median(r[m] for r in runs) for m in ("prefill_s", "decode_s")}
+        for key, runs in times.items()
+    }
+    return {
+        key: {**value, **{f"{m}_vs_base": value[m] / medians["base"][m] for m in ("prefill_s", "decode_s")}}
+        for key, value in medians.items()
+    }
 
 
 class EpochTimer(TrainerCallback):
@@ -259,11 +294,19 @@ def training_speed(args) -> dict:
                     else:
                         config = LoFiTConfig(heads=selection.top(fraction=args.fraction))
                         settings.cache_frozen_layers = variant == "lofit_step2_cached"
-                    _, trainer = train_adapter(model, tokenizer, rows, task.objective, config, settings, [timer, saved])
+                    _, trainer = train_adapter(
+                        model, tokenizer, rows, task.objective, config, settings, [timer, saved]
+                    )
                     stats = trainer.frozen_prefix_stats
-            runs[variant].append({"total_s": time.perf_counter() - start, "epoch_s": timer.epoch_s,
-                                  "peak_memory_mb": memory.peak_mb, "saved_activations_mb": saved.peak_mb,
-                                  "cache": vars(stats) if stats else None})
+            runs[variant].append(
+                {
+                    "total_s": time.perf_counter() - start,
+                    "epoch_s": timer.epoch_s,
+                    "peak_memory_mb": memory.peak_mb,
+                    "saved_activations_mb": saved.peak_mb,
+                    "cache": vars(stats) if stats else None,
+                }
+            )
             del model, found, trainer  # free this variant before the next one loads
             gc.collect()
             if torch.cuda.is_available():
@@ -304,13 +347,25 @@ def eval_cache_speedup(model, tokenizer, args, questions: int) -> dict:
     times, scores = {True: [], False: []}, {}
     for use_cache in (True, False, True, False):
         start = time.perf_counter()
-        _, scores[use_cache] = evaluate_mc(model, tokenizer, items, data_dir=args.data_dir, use_prefix_cache=use_cache,
-                                           return_scores=True, desc=f"cache={use_cache}")
+        _, scores[use_cache] = evaluate_mc(
+            model,
+            tokenizer,
+            items,
+            data_dir=args.data_dir,
+            use_prefix_cache=use_cache,
+            return_scores=True,
+            desc=f"cache={use_cache}",
+        )
         times[use_cache].append(time.perf_counter() - start)
     difference = max(abs(a - b) for x, y in zip(scores[True], scores[False]) for a, b in zip(x, y))
     cached, plain = statistics.median(times[True]), statistics.median(times[False])
-    return {"questions": questions, "cached_s": cached, "plain_s": plain, "speedup": plain / cached,
-            "max_score_difference": difference}
+    return {
+        "questions": questions,
+        "cached_s": cached,
+        "plain_s": plain,
+        "speedup": plain / cached,
+        "max_score_difference": difference,
+    }
 
 
 # --------------------------------------------------------------------------------------------------- methods
@@ -328,8 +383,12 @@ def peft_config_for(method: str, heads=None):
 
 def train_settings(args, seed: int, output: Path, learning_rate: float) -> TrainSettings:
     return TrainSettings(
-        learning_rate=learning_rate, epochs=args.epochs, batch_size=args.batch_size, seed=seed,
-        output_dir=str(output / "checkpoints"), logging_steps=50,
+        learning_rate=learning_rate,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=seed,
+        output_dir=str(output / "checkpoints"),
+        logging_steps=50,
     )
 
 
@@ -367,11 +426,15 @@ def run_method(args, method: str, seed: int, train_limit: Optional[int], fractio
         row["train_s"], row["steps"] = time.perf_counter() - start, 0
         row["k"] = len(peft_model.peft_config["default"].heads)
     else:
-        learning_rate = args.lofit_lr if method.startswith("lofit") else args.lora_lr if method.startswith("lora") else args.ia3_lr
+        learning_rate = (
+            args.lofit_lr if method.startswith("lofit") else args.lora_lr if method.startswith("lora") else args.ia3_lr
+        )
         settings = train_settings(args, seed, Path(args.output) / "tmp", learning_rate)
         start = time.perf_counter()
         with PeakMemory() as memory:
-            peft_model, trainer = train_adapter(model, tokenizer, rows, task.objective, peft_config_for(method, heads), settings)
+            peft_model, trainer = train_adapter(
+                model, tokenizer, rows, task.objective, peft_config_for(method, heads), settings
+            )
         row["train_s"] = time.perf_counter() - start
         row["steps"] = trainer.state.global_step
         row["step_s"] = row["train_s"] / max(1, row["steps"])
@@ -434,7 +497,10 @@ def _collect_iti_probes(model, tokenizer, args, limit: Optional[int]):
         raise ValueError("ITI probes are trained on TruthfulQA true/false answers; use --task truthfulqa.")
     train = load_truthfulqa("train", fold=args.fold, data_dir=args.data_dir)[:limit]
     val = load_truthfulqa("val", fold=args.fold, data_dir=args.data_dir)[:limit]
-    (train_texts, train_y), (val_texts, val_y) = baselines.truthfulqa_probe_texts(train), baselines.truthfulqa_probe_texts(val)
+    (train_texts, train_y), (val_texts, val_y) = (
+        baselines.truthfulqa_probe_texts(train),
+        baselines.truthfulqa_probe_texts(val),
+    )
     train_x = baselines.collect_head_activations(model, tokenizer, train_texts)
     val_x = baselines.collect_head_activations(model, tokenizer, val_texts)
     selection = baselines.probe_selection(train_x, train_y, val_x, val_y, metadata={"method": "iti"})
@@ -454,8 +520,10 @@ def computed_adapter(method: str, model, tokenizer, args, k: int, limit: Optiona
     train = load_truthfulqa("train", fold=args.fold, data_dir=args.data_dir)[:limit]
     true_texts = [f"Q: {q.question} A: {q.best_answer}" for q in train]
     false_texts = [f"Q: {q.question} A: {q.incorrect[0]}" for q in train]
-    vectors = baselines.reading_vectors(baselines.collect_hidden_states(model, tokenizer, true_texts),
-                                        baselines.collect_hidden_states(model, tokenizer, false_texts))
+    vectors = baselines.reading_vectors(
+        baselines.collect_hidden_states(model, tokenizer, true_texts),
+        baselines.collect_hidden_states(model, tokenizer, false_texts),
+    )
     layers = args.repe_layers or list(range(len(vectors) // 3, 2 * len(vectors) // 3))
     return baselines.repe_adapter(model, {layer: vectors[layer] for layer in layers}, args.repe_coefficient)
 
@@ -480,9 +548,14 @@ def summarize(rows: list[dict], metrics: tuple[str, ...]) -> list[dict]:
         groups.setdefault((row["method"], row["train_rows"], row["k"]), []).append(row)
     summary = []
     for (method, train_rows, k), members in groups.items():
-        entry = {"method": method, "train_rows": train_rows, "k": k, "seeds": [m["seed"] for m in members],
-                 "trainable_parameters": members[0]["trainable_parameters"],
-                 "adapter_bytes": members[0]["adapter_bytes"]}
+        entry = {
+            "method": method,
+            "train_rows": train_rows,
+            "k": k,
+            "seeds": [m["seed"] for m in members],
+            "trainable_parameters": members[0]["trainable_parameters"],
+            "adapter_bytes": members[0]["adapter_bytes"],
+        }
         for name in metrics:
             values = [m["metrics"][name] for m in members]
             entry[name] = statistics.mean(values)
@@ -494,7 +567,7 @@ def summarize(rows: list[dict], metrics: tuple[str, ...]) -> list[dict]:
         if latencies:
             for which in ("unmerged_vs_base", "merged_vs_base"):
                 for key in ("prefill_s", "decode_s"):
-                    entry[f"{which}_{key}"] = statistics.mean(l[which][key] for l in latencies)
+                    entry[f"{which}_{key}"] = statistics.mean(run[which][key] for run in latencies)
         summary.append(entry)
     return summary
 
@@ -503,14 +576,33 @@ def markdown_table(summary: list[dict], metrics: tuple[str, ...]) -> str:
     def fmt(value, pattern="{:.3f}"):
         return "–" if value is None else pattern.format(value)
 
-    header = ["method", "train rows", "K", "seeds", *metrics, "trained numbers", "adapter KB", "localize s", "train s",
-              "s / step", "peak MB", "prefill x base (unmerged / merged)", "decode x base (unmerged / merged)"]
+    header = [
+        "method",
+        "train rows",
+        "K",
+        "seeds",
+        *metrics,
+        "trained numbers",
+        "adapter KB",
+        "localize s",
+        "train s",
+        "s / step",
+        "peak MB",
+        "prefill x base (unmerged / merged)",
+        "decode x base (unmerged / merged)",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for e in summary:
         cells = [e["method"], str(e["train_rows"]), fmt(e["k"], "{}"), str(len(e["seeds"]))]
         cells += [f"{e[m]:.3f} ± {e[m + '_std']:.3f}" for m in metrics]
-        cells += [f"{e['trainable_parameters']:,}", fmt(e["adapter_bytes"] / 1024, "{:.1f}"), fmt(e["localize_s"], "{:.0f}"),
-                  fmt(e["train_s"], "{:.0f}"), fmt(e["step_s"], "{:.2f}"), fmt(e["peak_memory_mb"], "{:.0f}")]
+        cells += [
+            f"{e['trainable_parameters']:,}",
+            fmt(e["adapter_bytes"] / 1024, "{:.1f}"),
+            fmt(e["localize_s"], "{:.0f}"),
+            fmt(e["train_s"], "{:.0f}"),
+            fmt(e["step_s"], "{:.2f}"),
+            fmt(e["peak_memory_mb"], "{:.0f}"),
+        ]
         for key in ("prefill_s", "decode_s"):
             unmerged, merged = e.get(f"unmerged_vs_base_{key}"), e.get(f"merged_vs_base_{key}")
             cells.append(f"{fmt(unmerged)} / {fmt(merged)}")
@@ -535,7 +627,7 @@ def sweep_curves(summary: list[dict], field: str, metric: str) -> dict[str, list
 
 
 def plot(summary: list[dict], metric: str, output: Path) -> list[str]:
-    """metric vs trained numbers (all runs); metric vs training rows and vs K (one line per method) where sweeps ran."""
+    """Metric vs trained numbers (all runs); metric vs training rows and vs K (a line per method) where sweeps ran."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -546,8 +638,9 @@ def plot(summary: list[dict], metric: str, output: Path) -> list[str]:
     for e in summary:
         if e["trainable_parameters"]:
             axes.errorbar(e["trainable_parameters"], e[metric], yerr=e[f"{metric}_std"], fmt="o", capsize=3)
-            axes.annotate(f"{e['method']} ({e['train_rows']}, K={e['k']})", (e["trainable_parameters"], e[metric]),
-                          fontsize=7)
+            axes.annotate(
+                f"{e['method']} ({e['train_rows']}, K={e['k']})", (e["trainable_parameters"], e[metric]), fontsize=7
+            )
         else:
             axes.axhline(e[metric], color="grey", linestyle="--", label="base")
     axes.set_xscale("log")
@@ -591,11 +684,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
     parser.add_argument("--extra-seeds", nargs="*", type=int, default=[], help="more seeds for --extra-seed-methods")
-    parser.add_argument("--extra-seed-methods", nargs="*", default=["lofit", "lofit_random", "lora_r8"], choices=METHODS)
-    parser.add_argument("--head-selection", default=None,
-                        help="reuse a head-selection JSON (e.g. from `lofit run`) instead of localizing per seed")
-    parser.add_argument("--other-heads", default=None,
-                        help="lofit_other_heads: head-selection JSON localized on another task (e.g. MQuAKE heads)")
+    parser.add_argument(
+        "--extra-seed-methods", nargs="*", default=["lofit", "lofit_random", "lora_r8"], choices=METHODS
+    )
+    parser.add_argument(
+        "--head-selection",
+        default=None,
+        help="reuse a head-selection JSON (e.g. from `lofit run`) instead of localizing per seed",
+    )
+    parser.add_argument(
+        "--other-heads",
+        default=None,
+        help="lofit_other_heads: head-selection JSON localized on another task (e.g. MQuAKE heads)",
+    )
     parser.add_argument("--fraction", type=float, default=0.03, help="K as a share of all heads (default 0.03)")
     parser.add_argument("--train-limit", type=int, default=None, help="training rows (default: all)")
     parser.add_argument("--eval-limit", type=int, default=None, help="test examples (default: all)")
@@ -610,23 +711,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iti-alpha", type=float, default=15.0, help="ITI offset strength (ITI: 15 with K=48 on 7B)")
     parser.add_argument("--repe-coefficient", type=float, default=4.0, help="RepE: c in c * r_l")
     parser.add_argument("--repe-layers", nargs="*", type=int, default=None, help="RepE layers (default: middle third)")
-    parser.add_argument("--sweep-data", nargs="*", type=int, default=[], help="training-set sizes (0 = all) for lofit and lora_r8")
+    parser.add_argument(
+        "--sweep-data", nargs="*", type=int, default=[], help="training-set sizes (0 = all) for lofit and lora_r8"
+    )
     parser.add_argument("--sweep-k", nargs="*", type=float, default=[], help="fractions of heads for lofit")
     parser.add_argument("--skip-latency", action="store_true")
-    parser.add_argument("--prefill-tokens", type=int, default=256, help="latency: prefill of 8 x N tokens (default 256)")
+    parser.add_argument(
+        "--prefill-tokens", type=int, default=256, help="latency: prefill of 8 x N tokens (default 256)"
+    )
     parser.add_argument("--decode-tokens", type=int, default=64, help="latency: greedy tokens decoded (default 64)")
     parser.add_argument("--repeats", type=int, default=3, help="latency: timed repeats after one warm-up (default 3)")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--eval-speed-questions", type=int, default=12,
-                        help="TruthfulQA questions for the prefix-cache speed check (0 to skip)")
+    parser.add_argument(
+        "--eval-speed-questions",
+        type=int,
+        default=12,
+        help="TruthfulQA questions for the prefix-cache speed check (0 to skip)",
+    )
     parser.add_argument("--eval-speed-only", action="store_true", help="run only the prefix-cache speed check")
-    parser.add_argument("--latency-only", action="store_true",
-                        help="only inference latency of untrained adapters of --methods, round-robin over --repeats")
-    parser.add_argument("--train-speed-only", action="store_true",
-                        help="only seconds per epoch of LoFiT step 1, LoRA r8 and step 2 (plain / cached), round-robin")
-    parser.add_argument("--combine", nargs="+", default=None, metavar="RESULTS_JSON",
-                        help="only merge the rows of earlier results.json files (same task) into one table, "
-                             "written to --output/combined.md")
+    parser.add_argument(
+        "--latency-only",
+        action="store_true",
+        help="only inference latency of untrained adapters of --methods, round-robin over --repeats",
+    )
+    parser.add_argument(
+        "--train-speed-only",
+        action="store_true",
+        help="only seconds per epoch of LoFiT step 1, LoRA r8 and step 2 (plain / cached), round-robin",
+    )
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="only merge the rows of earlier results.json files (same task) into one table, "
+        "written to --output/combined.md",
+    )
     parser.add_argument("--output", default="benchmarks/results")
     return parser
 
@@ -662,30 +782,40 @@ def main(argv=None) -> dict:
         result = interleaved_latency(args, args.methods)
         atomic_write_json(output / "latency.json", result)
         for key, value in result.items():
-            print(f"{key:>16}: prefill {value['prefill_s']:.3f}s ({value['prefill_s_vs_base']:.3f}x), "
-                  f"decode {value['decode_s']:.3f}s ({value['decode_s_vs_base']:.3f}x)")
+            print(
+                f"{key:>16}: prefill {value['prefill_s']:.3f}s ({value['prefill_s_vs_base']:.3f}x), "
+                f"decode {value['decode_s']:.3f}s ({value['decode_s_vs_base']:.3f}x)"
+            )
         return {"latency": result}
     if args.train_speed_only:
         result = training_speed(args)
         atomic_write_json(output / "train_speed.json", result)
         for variant, value in result["variants"].items():
-            print(f"{variant:>20}: {value['epoch_s']:.1f} s/epoch ({value['epoch_s_vs_lora_r8']:.2f}x LoRA r8), after the "
-                  f"first epoch {value['later_epoch_s']:.1f} s ({value['later_epoch_s_vs_lora_r8']:.2f}x), peak "
-                  f"{value['peak_memory_mb']:.0f} MB ({value['peak_memory_mb_vs_lora_r8']:.2f}x), kept for backward "
-                  f"{value['saved_activations_mb']:.0f} MB ({value['saved_activations_mb_vs_lora_r8']:.2f}x)")
+            print(
+                f"{variant:>20}: {value['epoch_s']:.1f} s/epoch ({value['epoch_s_vs_lora_r8']:.2f}x LoRA r8), after the "
+                f"first epoch {value['later_epoch_s']:.1f} s ({value['later_epoch_s_vs_lora_r8']:.2f}x), peak "
+                f"{value['peak_memory_mb']:.0f} MB ({value['peak_memory_mb_vs_lora_r8']:.2f}x), kept for backward "
+                f"{value['saved_activations_mb']:.0f} MB ({value['saved_activations_mb_vs_lora_r8']:.2f}x)"
+            )
         return {"train_speed": result}
     eval_speed = None
     if args.task == "truthfulqa" and args.eval_speed_questions:
         model, tokenizer = load_model_and_tokenizer(args.model)
         eval_speed = eval_cache_speedup(model, tokenizer, args, args.eval_speed_questions)
         atomic_write_json(output / "eval_speed.json", eval_speed)
-        print(f"prefix cache: {eval_speed['speedup']:.1f}x faster, max score difference "
-              f"{eval_speed['max_score_difference']:.2e}")
+        print(
+            f"prefix cache: {eval_speed['speedup']:.1f}x faster, max score difference "
+            f"{eval_speed['max_score_difference']:.2e}"
+        )
         if args.eval_speed_only:
             return {"eval_speed": eval_speed}
     runs = [(m, s, args.train_limit, args.fraction) for m in args.methods for s in args.seeds]
-    runs += [(m, s, args.train_limit, args.fraction) for m in args.extra_seed_methods if m in args.methods
-             for s in args.extra_seeds]
+    runs += [
+        (m, s, args.train_limit, args.fraction)
+        for m in args.extra_seed_methods
+        if m in args.methods
+        for s in args.extra_seeds
+    ]
     runs += [(m, args.seeds[0], size or None, args.fraction) for size in args.sweep_data for m in ("lofit", "lora_r8")]
     runs += [("lofit", args.seeds[0], args.train_limit, f) for f in args.sweep_k]
     runs = list(dict.fromkeys(runs))  # a sweep point equal to a headline run is run once
@@ -700,9 +830,15 @@ def main(argv=None) -> dict:
     summary = summarize(rows, task.metrics)
     results = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/compare.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "command": "python benchmarks/compare.py "
+        + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
         "settings": {k: v for k, v in vars(args).items()},
         "wall_s": time.perf_counter() - started,
         "eval_prefix_cache": eval_speed,
@@ -711,8 +847,12 @@ def main(argv=None) -> dict:
     }
     atomic_write_json(output / "results.json", results)
     table = markdown_table(summary, task.metrics)
-    plots = plot(summary, task.metrics[0], output) + (plot(summary, task.metrics[1], output) if len(task.metrics) > 1 else [])
-    atomic_write_text(output / "results.md", f"{results['date']} · {results['machine']}\n\n`{results['command']}`\n\n{table}\n")
+    plots = plot(summary, task.metrics[0], output) + (
+        plot(summary, task.metrics[1], output) if len(task.metrics) > 1 else []
+    )
+    atomic_write_text(
+        output / "results.md", f"{results['date']} · {results['machine']}\n\n`{results['command']}`\n\n{table}\n"
+    )
     (output / "results.partial.json").unlink(missing_ok=True)
     print("\n" + table)
     print(f"\nWritten: {output}/results.json, results.md, {', '.join(plots)}")

@@ -20,7 +20,11 @@ def load_model(name):
         return AutoModelForCausalLM.from_pretrained(name)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=8,
         num_key_value_heads=2,
     )
     return AutoModelForCausalLM.from_config(config)

@@ -31,12 +31,19 @@ def main():
 
     task = get_task("truthfulqa")
     model, tokenizer = load_model_and_tokenizer(args.model)
-    rows = task.training_rows("train", limit=args.train_limit)  # {"prompt": "Q: ... A:", "chosen": " best answer", "rejected": " ..."}
+    rows = task.training_rows(
+        "train", limit=args.train_limit
+    )  # {"prompt": "Q: ... A:", "chosen": " best answer", "rejected": " ..."}
 
     # Step 1: scalings A on every head, DPO loss + lambda * sum |A|; heads ranked by ||A||.
     selection = localize(
-        model, tokenizer, rows, "dpo",
-        TrainSettings(learning_rate=5e-3, l1_lambda=5e-4, epochs=args.localize_epochs, output_dir=f"{args.output}/loc"),
+        model,
+        tokenizer,
+        rows,
+        "dpo",
+        TrainSettings(
+            learning_rate=5e-3, l1_lambda=5e-4, epochs=args.localize_epochs, output_dir=f"{args.output}/loc"
+        ),
     )
     heads = selection.top(args.k)
     if is_main_process():  # launched on several processes, all train and evaluate, one writes
@@ -47,7 +54,11 @@ def main():
     # Step 2: a fresh adapter with offsets v on those heads only (A fixed at 0).
     base_metrics = task.evaluate(model, tokenizer, limit=args.eval_limit, desc="base")
     peft_model, _ = train_adapter(
-        model, tokenizer, rows, "dpo", LoFiTConfig(heads=heads),
+        model,
+        tokenizer,
+        rows,
+        "dpo",
+        LoFiTConfig(heads=heads),
         TrainSettings(learning_rate=1e-2, epochs=args.epochs, output_dir=f"{args.output}/train"),
     )
     lofit_metrics = task.evaluate(peft_model, tokenizer, limit=args.eval_limit, desc="LoFiT")

@@ -48,17 +48,22 @@ def collect_head_activations(model, tokenizer, texts: list[str], batch_size: int
     handles = []
     for layer in layers:
         module = model.get_submodule(projections[layer][0])
-        handles.append(module.register_forward_pre_hook(lambda m, args, layer=layer: captured.__setitem__(layer, args[0])))
+        handles.append(
+            module.register_forward_pre_hook(lambda m, args, layer=layer: captured.__setitem__(layer, args[0]))
+        )
     rows = []
     try:
-        for batch, last in tqdm(_last_token_batches(tokenizer, texts, batch_size), desc="activations",
-                                total=-(-len(texts) // batch_size)):
+        for batch, last in tqdm(
+            _last_token_batches(tokenizer, texts, batch_size), desc="activations", total=-(-len(texts) // batch_size)
+        ):
             with torch.no_grad():
                 model(**batch.to(model.device))
             index = torch.arange(len(last))
             per_layer = [
                 captured[layer][index, last.to(captured[layer].device)]  # (B, H*d)
-                .float().cpu().view(len(last), projections[layer][1].num_heads, projections[layer][1].head_dim)
+                .float()
+                .cpu()
+                .view(len(last), projections[layer][1].num_heads, projections[layer][1].head_dim)
                 for layer in layers
             ]
             rows.append(torch.stack(per_layer, dim=1))  # (B, L, H, d)
@@ -91,8 +96,13 @@ def mass_mean_shift(activations: torch.Tensor, labels: torch.Tensor) -> tuple[to
 
 
 def probe_accuracies(
-    train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, steps: int = 300,
-    lr: float = 0.1, weight_decay: float = 1e-3,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    steps: int = 300,
+    lr: float = 0.1,
+    weight_decay: float = 1e-3,
 ) -> torch.Tensor:
     """Validation accuracy of a logistic-regression probe per head, all heads trained at once.
 
@@ -124,7 +134,9 @@ def iti_offsets(activations, labels, heads: list[list[int]], alpha: float) -> di
 
 def adapter_with_offsets(model, offsets: dict[tuple[int, int], torch.Tensor], adapter_name: str = "default"):
     """A LoFiT adapter (offsets only) on exactly the heads of ``offsets``, with those values set."""
-    config = LoFiTConfig(heads=[list(pair) for pair in offsets], use_offset=True, init_weights=True, inference_mode=True)
+    config = LoFiTConfig(
+        heads=[list(pair) for pair in offsets], use_offset=True, init_weights=True, inference_mode=True
+    )
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     projections = find_projections(peft_model.get_base_model(), config)
     with torch.no_grad():
@@ -147,8 +159,9 @@ def iti_adapter(model, train_activations, train_labels, val_activations, val_lab
 
     Returns the PeftModel and the probe accuracies as a ``HeadSelection`` (scores = accuracies).
     """
-    selection = probe_selection(train_activations, train_labels, val_activations, val_labels,
-                                metadata={"method": "iti", "alpha": alpha})
+    selection = probe_selection(
+        train_activations, train_labels, val_activations, val_labels, metadata={"method": "iti", "alpha": alpha}
+    )
     heads = selection.top(k)
     return adapter_with_offsets(model, iti_offsets(train_activations, train_labels, heads, alpha)), selection
 
@@ -201,4 +214,3 @@ def truthfulqa_probe_texts(questions) -> tuple[list[str], torch.Tensor]:
                 texts.append(f"Q: {item.question} A: {answer}")
                 labels.append(label)
     return texts, torch.tensor(labels)
-

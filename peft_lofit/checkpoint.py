@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from .io import staging_dir
+from .io import default_mode, staging_dir
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -37,6 +37,8 @@ def save_adapter(peft_model, folder, **save_kwargs) -> Path:
     staging = staging_dir(folder, "new")
     try:
         peft_model.save_pretrained(staging, **save_kwargs)
+        for path in staging.rglob("*"):  # safetensors writes 0600 files; give them a plain open()'s permissions
+            os.chmod(path, default_mode(directory=path.is_dir()))
         if folder.exists():
             for item in folder.iterdir():  # keep what else lives there (model card, head selection, ...)
                 if not (staging / item.name).exists():

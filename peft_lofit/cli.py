@@ -61,17 +61,25 @@ def _fraction(text: str) -> float:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=sorted(TASKS), default="truthfulqa", help="task (default: truthfulqa)")
     parser.add_argument("--model", default=None, help=DEFAULT_MODEL_HELP)
-    parser.add_argument("--data-dir", default=None, help="data folder (default: $LOFIT_DATA_DIR, else the data shipped in the package)")
+    parser.add_argument(
+        "--data-dir", default=None, help="data folder (default: $LOFIT_DATA_DIR, else the data shipped in the package)"
+    )
     parser.add_argument("--fold", type=int, default=0, help="TruthfulQA fold (default: 0)")
     parser.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
     parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
 
 
 def _train_arguments(parser, prefix: str, lr: float, epochs: float, what: str, l1: float | None = None) -> None:
-    parser.add_argument(f"--{prefix}lr", type=_positive_float, default=lr, help=f"{what} learning rate (default: {lr})")
-    parser.add_argument(f"--{prefix}epochs", type=_positive_float, default=epochs, help=f"{what} epochs (default: {epochs})")
+    parser.add_argument(
+        f"--{prefix}lr", type=_positive_float, default=lr, help=f"{what} learning rate (default: {lr})"
+    )
+    parser.add_argument(
+        f"--{prefix}epochs", type=_positive_float, default=epochs, help=f"{what} epochs (default: {epochs})"
+    )
     if l1 is not None:
-        parser.add_argument("--l1", type=_non_negative_float, default=l1, help=f"L1 weight lambda on A (default: {l1})")
+        parser.add_argument(
+            "--l1", type=_non_negative_float, default=l1, help=f"L1 weight lambda on A (default: {l1})"
+        )
 
 
 def _selection_arguments(parser) -> None:
@@ -86,12 +94,16 @@ def _run_options(parser, evaluates: bool = True) -> None:
     parser.add_argument("--train-limit", type=_positive_int, default=None, help="use only the first N training rows")
     parser.add_argument("--both-vectors", action="store_true", help="step 2 trains A and v (default: v only)")
     if evaluates:
-        parser.add_argument("--eval-limit", type=_positive_int, default=None, help="evaluate only the first N examples")
+        parser.add_argument(
+            "--eval-limit", type=_positive_int, default=None, help="evaluate only the first N examples"
+        )
         parser.add_argument("--eval-split", default="test", help="split to evaluate (default: test)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lofit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="lofit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="{run,localize,train,eval,export,push}")
 
     run = commands.add_parser("run", help="the whole pipeline", description="Localize, train, evaluate and save.")
@@ -102,16 +114,23 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(run)
     run.add_argument("--heads", default="learned", help="'learned' (default), 'random', or a head-selection JSON")
     run.add_argument(
-        "--l1-search", type=_positive_float, nargs="+", default=None, metavar="L1",
+        "--l1-search",
+        type=_positive_float,
+        nargs="+",
+        default=None,
+        metavar="L1",
         help="choose the L1 weight among these on the validation split (one localize + train + eval each), then "
         "train and evaluate with the best; trials go to OUTPUT/l1_search/",
     )
     run.add_argument("--output", default="lofit_runs/run", help="output folder (default: lofit_runs/run)")
     run.add_argument(
-        "--base-model-id", default=None,
+        "--base-model-id",
+        default=None,
         help="the model's Hub id for the model card, when --model is a local folder that does not say it",
     )
-    run.add_argument("--quick", action="store_true", help="smoke run: 32 training rows, 24 eval examples, 1 epoch each")
+    run.add_argument(
+        "--quick", action="store_true", help="smoke run: 32 training rows, 24 eval examples, 1 epoch each"
+    )
 
     loc = commands.add_parser("localize", help="step 1: score every head", description="Step 1 of LoFiT.")
     _common(loc)
@@ -122,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("--output", default="lofit_runs/heads.json", help="head-selection JSON (a PNG is written beside)")
     loc.add_argument("--top", type=_positive_int, default=8, help="heads outlined in the heatmap (default: 8)")
 
-    train = commands.add_parser("train", help="step 2: train offsets on selected heads", description="Step 2 of LoFiT.")
+    train = commands.add_parser(
+        "train", help="step 2: train offsets on selected heads", description="Step 2 of LoFiT."
+    )
     _common(train)
     _selection_arguments(train)
     _train_arguments(train, "", 1e-2, 5, "offset training")
@@ -136,12 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", help="split (default: test)")
     evaluate.add_argument("--limit", type=_positive_int, default=None, help="only the first N examples")
     evaluate.add_argument(
-        "--batch-size", type=_positive_int, default=16,
+        "--batch-size",
+        type=_positive_int,
+        default=16,
         help="generation batch size for MQuAKE/CLUTRR (default: 16); TruthfulQA scores each question's answers as one batch",
     )
     evaluate.add_argument("--output", default=None, help="also write the metrics to this JSON file")
     export = commands.add_parser(
-        "export", help="write a merged plain transformers checkpoint", description="Merge an adapter and save the model."
+        "export",
+        help="write a merged plain transformers checkpoint",
+        description="Merge an adapter and save the model.",
     )
     export.add_argument("--model", default=None, help=DEFAULT_MODEL_HELP)
     export.add_argument("--adapter", required=True, help="LoFiT adapter folder")
@@ -215,7 +240,9 @@ def command_localize(args) -> None:
     rows = task.training_rows("train", data_dir=args.data_dir, fold=args.fold, limit=args.train_limit)
     model, tokenizer = load_model_and_tokenizer(args.model)
     settings.localize.output_dir = str(Path(settings.output_dir) / "checkpoints" / "localize")
-    selection = localize(model, tokenizer, rows, task.objective, settings=settings.localize, metadata={"task": args.task})
+    selection = localize(
+        model, tokenizer, rows, task.objective, settings=settings.localize, metadata={"task": args.task}
+    )
     output = Path(args.output)
     if is_main_process():
         selection.save(output)
@@ -259,10 +286,19 @@ def command_eval(args) -> None:
     if args.adapter:
         model = load_adapter(model, args.adapter).eval()
     metrics = get_task(args.task).evaluate(
-        model, tokenizer, split=args.split, data_dir=args.data_dir, fold=args.fold, limit=args.limit,
+        model,
+        tokenizer,
+        split=args.split,
+        data_dir=args.data_dir,
+        fold=args.fold,
+        limit=args.limit,
         batch_size=args.batch_size,
     )
-    say(" ".join(f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}" for key, value in metrics.items()))
+    say(
+        " ".join(
+            f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}" for key, value in metrics.items()
+        )
+    )
     if args.output and is_main_process():
         atomic_write_json(Path(args.output), metrics)
 
@@ -276,7 +312,9 @@ def command_export(args) -> None:
     merged = load_adapter(model, args.adapter).merge_and_unload(safe_merge=True)
     merged.save_pretrained(args.merged)
     tokenizer.save_pretrained(args.merged)
-    print(f"Merged checkpoint written to {args.merged}; load it with AutoModelForCausalLM.from_pretrained (no plugin).")
+    print(
+        f"Merged checkpoint written to {args.merged}; load it with AutoModelForCausalLM.from_pretrained (no plugin)."
+    )
 
 
 def command_push(args) -> None:
@@ -296,7 +334,15 @@ COMMANDS = {
 }
 
 
-EXPECTED_ERRORS = (MissingExtraError, ValueError, KeyError, RuntimeError, FileNotFoundError, FloatingPointError, OSError)
+EXPECTED_ERRORS = (
+    MissingExtraError,
+    ValueError,
+    KeyError,
+    RuntimeError,
+    FileNotFoundError,
+    FloatingPointError,
+    OSError,
+)
 
 
 def main(argv=None) -> int:

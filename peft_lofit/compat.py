@@ -22,8 +22,15 @@ CONFIG_FORMAT = 1
 RENAMED_FIELDS = {"lofit_heads": "heads"}
 REQUIRED_FIELDS = ("heads",)
 # Fields PeftConfig fills in itself; their absence says nothing about LoFiT.
-_PEFT_BOOKKEEPING = {"peft_type", "task_type", "inference_mode", "base_model_name_or_path", "revision", "peft_version",
-                     "auto_mapping"}
+_PEFT_BOOKKEEPING = {
+    "peft_type",
+    "task_type",
+    "inference_mode",
+    "base_model_name_or_path",
+    "revision",
+    "peft_version",
+    "auto_mapping",
+}
 
 
 def upgrade_config_dict(config_class, values: dict, package_version: str) -> dict:

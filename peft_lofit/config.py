@@ -69,8 +69,11 @@ def _is_index(value) -> bool:
         return False
     if isinstance(value, numbers.Integral):
         return True
-    return isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point() and (
-        value.dtype != torch.bool
+    return (
+        isinstance(value, torch.Tensor)
+        and value.numel() == 1
+        and not value.is_floating_point()
+        and (value.dtype != torch.bool)
     )
 
 
@@ -158,7 +161,8 @@ class LoFiTConfig(PeftConfig):
         default=None, metadata={"help": "peft_lofit version that wrote this config (filled in automatically)."}
     )
     lofit_format: int = field(
-        default=CONFIG_FORMAT, metadata={"help": "Version of this config's layout; newer layouts need a newer peft_lofit."}
+        default=CONFIG_FORMAT,
+        metadata={"help": "Version of this config's layout; newer layouts need a newer peft_lofit."},
     )
 
     def __post_init__(self):
@@ -176,11 +180,15 @@ class LoFiTConfig(PeftConfig):
                 "LoFiTConfig with use_scaling=False and use_offset=False has nothing to learn; enable at least one "
                 "(use_scaling=True for localization, use_offset=True for fine-tuning)."
             )
-        if not any(self.init_weights is choice or (isinstance(choice, str) and self.init_weights == choice)
-                   for choice in INIT_CHOICES):
+        if not any(
+            self.init_weights is choice or (isinstance(choice, str) and self.init_weights == choice)
+            for choice in INIT_CHOICES
+        ):
             raise ValueError(f"`init_weights` must be True, False or 'normal'; got {self.init_weights!r}.")
         if not _is_positive_finite(self.init_std):
-            raise ValueError(f"`init_std` must be a positive finite number (the paper uses 1e-3); got {self.init_std!r}.")
+            raise ValueError(
+                f"`init_std` must be a positive finite number (the paper uses 1e-3); got {self.init_std!r}."
+            )
         for name in ("num_heads", "head_dim"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):

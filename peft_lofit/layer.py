@@ -225,7 +225,9 @@ class LoFiTLayer(nn.Module, BaseTunerLayer):
         are already merged (exact when nothing is merged yet). With ``safe_merge`` the result is computed on copies
         and checked for NaN/inf before anything is written. Computed in float32, written in the weight's dtype.
         """
-        adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.lofit_head_index]
+        adapter_names = [
+            name for name in check_adapters_to_merge(self, adapter_names) if name in self.lofit_head_index
+        ]
         if not adapter_names:
             return
         base = self.get_base_layer()
@@ -254,12 +256,15 @@ class LoFiTLayer(nn.Module, BaseTunerLayer):
 
     def min_scale(self, adapter_names: list[str]) -> float:
         """Smallest ``|1 + A|`` over the given adapters (1.0 when they have no scaling)."""
-        values = [(1 + self.lofit_scaling[name].detach()).abs().min().item() for name in adapter_names
-                  if name in self.lofit_scaling]
+        values = [
+            (1 + self.lofit_scaling[name].detach()).abs().min().item()
+            for name in adapter_names
+            if name in self.lofit_scaling
+        ]
         return min(values, default=1.0)
 
     def unmerge(self) -> None:
-        """Undo every merge: ``W_0 = W / S``, ``b <- b - W_0 V`` over all merged adapters; drop a bias merge created."""
+        """Undo every merge: ``W_0 = W / S``, ``b <- b - W_0 V`` over all merged adapters; drop a bias merging made."""
         if not self.merged_adapters:
             warnings.warn("Already unmerged. Nothing to do.")
             return

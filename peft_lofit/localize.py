@@ -64,7 +64,9 @@ def localize(
 def localization_config(init_std: float = 1e-3, **geometry) -> LoFiTConfig:
     """Step 1's adapter: scalings A ~ N(0, init_std^2) on every head, no offsets (``geometry``: target_modules,
     num_heads, head_dim)."""
-    return LoFiTConfig(heads=None, use_scaling=True, use_offset=False, init_weights="normal", init_std=init_std, **geometry)
+    return LoFiTConfig(
+        heads=None, use_scaling=True, use_offset=False, init_weights="normal", init_std=init_std, **geometry
+    )
 
 
 @contextmanager

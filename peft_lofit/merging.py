@@ -45,10 +45,11 @@ def bias_switch(model_config) -> Optional[str]:
 
 
 def _sliding_window_in_use(config) -> Optional[str]:
-    """Why ``config`` attends through a sliding window (a reason to print), or None when every layer sees all tokens."""
+    """Why ``config`` attends through a sliding window (a reason to print); None when every layer sees all tokens."""
     layer_types = getattr(config, "layer_types", None) or []
     if "sliding_attention" in layer_types:
-        return f"its layers {[i for i, kind in enumerate(layer_types) if kind == 'sliding_attention']} use sliding-window attention"
+        sliding = [index for index, kind in enumerate(layer_types) if kind == "sliding_attention"]
+        return f"its layers {sliding} use sliding-window attention"
     window = getattr(config, "sliding_window", None)
     uses_window = getattr(config, "use_sliding_window", True)
     if window is not None and uses_window and window < config.max_position_embeddings:
@@ -90,8 +91,10 @@ def check_can_carry_biases(model: nn.Module, modules_needing_bias: list[str]) ->
             f"but {reason}, which Llama cannot express. {advice}"
         )
     if _llama_class_for(model) is None:
-        raise ValueError(f"Cannot merge LoFiT offsets into {type(model).__name__}: transformers has no Llama "
-                         f"equivalent of this class to carry the output-projection biases. {advice}")
+        raise ValueError(
+            f"Cannot merge LoFiT offsets into {type(model).__name__}: transformers has no Llama "
+            f"equivalent of this class to carry the output-projection biases. {advice}"
+        )
 
 
 def carry_merged_biases(model: nn.Module) -> nn.Module:
@@ -170,7 +173,7 @@ def llama_config_for(config) -> transformers.LlamaConfig:
 
 
 def as_llama(model: nn.Module) -> nn.Module:
-    """"As Llama" route: the same tensors in the Llama class of the same head, with zero biases where Llama has a bias
+    """ "As Llama" route: the same tensors in the Llama class of the same head, with zero biases where Llama has a bias
     and ``model`` had none. Tied weights stay tied (the same parameter object is assigned under both names)."""
     llama_class = _llama_class_for(model)
     llama = _skeleton(llama_class, llama_config_for(model.config))

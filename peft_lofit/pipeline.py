@@ -58,7 +58,9 @@ class PipelineSettings:
     def __post_init__(self):
         get_task(self.task)
         if self.heads not in HEAD_CHOICES and not Path(self.heads).is_file():
-            raise ValueError(f"--heads must be 'learned', 'random' or an existing head-selection JSON file; got {self.heads!r}.")
+            raise ValueError(
+                f"--heads must be 'learned', 'random' or an existing head-selection JSON file; got {self.heads!r}."
+            )
         for name in ("train_limit", "eval_limit", "k"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -73,8 +75,9 @@ class PipelineSettings:
             if len({f"{value:g}" for value in self.l1_search}) < len(self.l1_search):
                 raise ValueError(f"--l1-search values must differ (to 6 significant digits), got {self.l1_search}.")
             if self.eval_split == L1_SEARCH_SPLIT:
-                raise ValueError(f"--l1-search chooses on the {L1_SEARCH_SPLIT} split; evaluate on another one "
-                                 f"(--eval-split test).")
+                raise ValueError(
+                    f"--l1-search chooses on the {L1_SEARCH_SPLIT} split; evaluate on another one (--eval-split test)."
+                )
 
     def make_quick(self) -> "PipelineSettings":
         """Turn this into a smoke run of a couple of minutes: few examples, one epoch per step."""
@@ -157,9 +160,13 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
         step.seed = settings.seed
     heads, _ = select_heads(settings, model, tokenizer, rows, output, timings)
 
-    evaluation = dict(split=settings.eval_split, data_dir=settings.data_dir, fold=settings.fold, limit=settings.eval_limit)
+    evaluation = dict(
+        split=settings.eval_split, data_dir=settings.data_dir, fold=settings.fold, limit=settings.eval_limit
+    )
     start = time.perf_counter()
-    base_metrics = task.evaluate(model, tokenizer, batch_size=settings.eval_batch_size, desc="base model", **evaluation)
+    base_metrics = task.evaluate(
+        model, tokenizer, batch_size=settings.eval_batch_size, desc="base model", **evaluation
+    )
     timings["eval_base_s"] = time.perf_counter() - start
 
     config = LoFiTConfig(heads=heads, use_offset=True, use_scaling=settings.train_both_vectors, init_weights=True)
@@ -168,7 +175,9 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
     timings["train_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    lofit_metrics = task.evaluate(peft_model, tokenizer, batch_size=settings.eval_batch_size, desc="LoFiT model", **evaluation)
+    lofit_metrics = task.evaluate(
+        peft_model, tokenizer, batch_size=settings.eval_batch_size, desc="LoFiT model", **evaluation
+    )
     timings["eval_lofit_s"] = time.perf_counter() - start
 
     trainable, _ = peft_model.get_nb_trainable_parameters()

@@ -35,8 +35,10 @@ def _heads_line(metrics: dict) -> str:
         return f"- heads: {k} chosen at random (seed {settings.get('seed')})"
     if settings.get("heads", "learned") != "learned" and not search:
         return f"- heads: top {k} of a head selection from another run (`head_selection.json`)"
-    line = (f"- heads localized on the same data: top {k} by ||A|| with L1 weight "
-            f"{settings.get('localize', {}).get('l1_lambda')} (`head_selection.json`, heatmap `head_selection.png`)")
+    line = (
+        f"- heads localized on the same data: top {k} by ||A|| with L1 weight "
+        f"{settings.get('localize', {}).get('l1_lambda')} (`head_selection.json`, heatmap `head_selection.png`)"
+    )
     if search:
         line += f"; the weight was chosen by {describe_l1_search(search)}"
     return line
@@ -65,7 +67,9 @@ def model_card(config: dict, metrics: Optional[dict] = None, repo_id: Optional[s
     base_model = _hub_id(metrics.get("base_model_id")) or _hub_id(config.get("base_model_name_or_path"))
     task = metrics.get("task")
     heads = config.get("heads")
-    vectors = [name for name, on in (("scaling A", config.get("use_scaling")), ("offset v", config.get("use_offset"))) if on]
+    vectors = [
+        name for name, on in (("scaling A", config.get("use_scaling")), ("offset v", config.get("use_offset"))) if on
+    ]
     load_id = repo_id or "path/to/this/adapter"
     parts = [
         _front_matter(base_model, task),
@@ -81,12 +85,17 @@ def model_card(config: dict, metrics: Optional[dict] = None, repo_id: Optional[s
         f"model = PeftModel.from_pretrained(base, {load_id!r})\n"
         "merged = model.merge_and_unload()  # optional: a plain transformers model, offsets in o_proj's bias\n```",
         "## Adapter",
-        f"- base model: {base_model}" + (f", trained on {metrics['base_model_source']}"
-                                         if metrics.get("base_model_source") else "")
-        if base_model else "- base model: not recorded (a local folder); rerun `lofit run` with `--base-model-id`",
+        f"- base model: {base_model}"
+        + (f", trained on {metrics['base_model_source']}" if metrics.get("base_model_source") else "")
+        if base_model
+        else "- base model: not recorded (a local folder); rerun `lofit run` with `--base-model-id`",
         f"- vectors: {', '.join(vectors) or 'none'}",
         f"- heads ({'all' if heads is None else len(heads)}): "
-        + ("every head of every targeted layer" if heads is None else ", ".join(f"[{l}, {h}]" for l, h in heads)),
+        + (
+            "every head of every targeted layer"
+            if heads is None
+            else ", ".join(f"[{layer}, {head}]" for layer, head in heads)
+        ),
         f"- target modules: {config.get('target_modules')}",
     ]
     if task:
@@ -103,9 +112,17 @@ def model_card(config: dict, metrics: Optional[dict] = None, repo_id: Optional[s
         parts += [
             "## Results",
             f"{metrics.get('settings', {}).get('eval_split', 'test')} split, {metrics['lofit'].get('n')} examples:",
-            "| model | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
-            + "| base | " + " | ".join(f"{metrics['base'][n]:.3f}" for n in names) + " |\n"
-            + "| LoFiT | " + " | ".join(f"{metrics['lofit'][n]:.3f}" for n in names) + " |",
+            "| model | "
+            + " | ".join(names)
+            + " |\n|---|"
+            + "---|" * len(names)
+            + "\n"
+            + "| base | "
+            + " | ".join(f"{metrics['base'][n]:.3f}" for n in names)
+            + " |\n"
+            + "| LoFiT | "
+            + " | ".join(f"{metrics['lofit'][n]:.3f}" for n in names)
+            + " |",
         ]
     parts.append("Made with [peft_lofit](https://pypi.org/project/peft_lofit/).")
     return "\n\n".join(parts) + "\n"
@@ -129,7 +146,9 @@ def push_adapter(folder, repo_id: str, private: bool = False, token: Optional[st
         metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
     write_model_card(folder, metrics, repo_id)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-    operations = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files]
+    operations = [
+        CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files
+    ]
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     return api.create_commit(repo_id, operations=operations, commit_message="Upload LoFiT adapter")

@@ -127,7 +127,9 @@ class LoFiTLossMixin:
         of accumulation steps afterwards, so a penalty added to it must be divided here."""
         if self.loss_is_scaled_for_ga is not None:
             return self.loss_is_scaled_for_ga
-        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        return (
+            self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        ) or self.compute_loss_func is not None
 
     def log(self, logs, *args, **kwargs):
         if self.l1_lambda and "loss" in logs and hasattr(self, "_last_l1"):
@@ -144,7 +146,13 @@ class LoFiTSFTTrainer(LoFiTLossMixin, SFTTrainer):
 
 
 def build_trainer(
-    model, tokenizer, rows: list[dict], objective: str, peft_config: PeftConfig, settings: TrainSettings, callbacks=None
+    model,
+    tokenizer,
+    rows: list[dict],
+    objective: str,
+    peft_config: PeftConfig,
+    settings: TrainSettings,
+    callbacks=None,
 ):
     """A TRL trainer that wraps ``model`` with ``peft_config`` (LoFiT, or any PEFT method) and trains on ``rows``.
 

@@ -1,6 +1,6 @@
 """Train a tiny LoFiT adapter; run alone or under torchrun (DDP, gloo on CPU). Used by test_ecosystem.py.
 
-    python tests/ddp_worker.py OUT PER_DEVICE_BATCH OBJECTIVE
+python tests/ddp_worker.py OUT PER_DEVICE_BATCH OBJECTIVE
 """
 
 import json
@@ -21,7 +21,10 @@ ROWS = {
     "dpo": [{"prompt": f"q{c}", "chosen": f" {c}a", "rejected": f" {c}z"} for c in "abcdefgh"],
 }
 
-FSDP = {"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
+FSDP = {
+    "fsdp": "full_shard auto_wrap",
+    "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+}
 
 if __name__ == "__main__":
     output, batch, objective = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -29,14 +32,21 @@ if __name__ == "__main__":
     heads = [[1, 1], [1, 3]] if objective == "dpo" else [[0, 1], [1, 3]]
     config = LoFiTConfig(heads=heads, use_scaling=True)
     settings = TrainSettings(
-        epochs=2, batch_size=batch, learning_rate=5e-2, output_dir=str(output / "trainer"), logging_steps=1,
+        epochs=2,
+        batch_size=batch,
+        learning_rate=5e-2,
+        output_dir=str(output / "trainer"),
+        logging_steps=1,
         extra={"use_cpu": True, "dataloader_num_workers": 0, **(FSDP if "--fsdp" in sys.argv else {})},
     )
     model, trainer = train_adapter(tiny_model("llama"), tiny_tokenizer(), ROWS[objective], objective, config, settings)
     if trainer.is_world_process_zero():
         save_adapter(model, output / "adapter")
         cache = trainer.frozen_prefix_stats
-        how = {"world_size": trainer.args.world_size, "fsdp": bool(trainer.is_fsdp_enabled),
-               "cache_hits": cache and cache.hits}
+        how = {
+            "world_size": trainer.args.world_size,
+            "fsdp": bool(trainer.is_fsdp_enabled),
+            "cache_hits": cache and cache.hits,
+        }
         (output / "distributed.json").write_text(json.dumps(how))
     finish()

@@ -72,7 +72,10 @@ def assert_untouched(model):
 @pytest.mark.parametrize(
     "config, message",
     [
-        (LoFiTConfig(heads=[[2, 0]]), r"Head \[2, 0\] is in layer 2, which has no targeted attention output projection \(targeted layers: 0..1\)"),
+        (
+            LoFiTConfig(heads=[[2, 0]]),
+            r"Head \[2, 0\] is in layer 2, which has no targeted attention output projection \(targeted layers: 0..1\)",
+        ),
         (LoFiTConfig(heads=[[0, 0], [1, 4]]), r"Head \[1, 4\] does not exist: layer 1 has 4 heads \(0..3\)"),
         (
             LoFiTConfig(heads=[[1, 0]], exclude_modules=["model.layers.1.self_attn.o_proj"]),
@@ -108,7 +111,9 @@ def test_unsupported_architecture_names_families_and_fix():
     config = BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
-    with pytest.raises(ValueError, match=r"model_type='bloom'.*Supported families: .*gpt2.*llama.*`target_modules=\[...\]`"):
+    with pytest.raises(
+        ValueError, match=r"model_type='bloom'.*Supported families: .*gpt2.*llama.*`target_modules=\[...\]`"
+    ):
         get_peft_model(model, LoFiTConfig(heads=[[0, 1]]))
     assert_untouched(model)
     # the explicit route works
@@ -124,13 +129,17 @@ def test_adapter_loaded_onto_other_geometry_names_parameter_and_shapes(tmp_path)
     config.head_dim = 16
     torch.manual_seed(0)
     other = AutoModelForCausalLM.from_config(config)
-    with pytest.raises(ValueError, match=r"lofit_offset.* has shape \(1, 8\) in the checkpoint but \(1, 16\) in this model"):
+    with pytest.raises(
+        ValueError, match=r"lofit_offset.* has shape \(1, 8\) in the checkpoint but \(1, 16\) in this model"
+    ):
         PeftModel.from_pretrained(other, tmp_path)
 
 
 def test_mixed_batch_length_mismatch(inputs):
     model = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=[[0, 1]], init_weights=False)).eval()
-    with pytest.raises(ValueError, match="Length of `adapter_names` should be the same as the number of inputs, but got 2 and 3"):
+    with pytest.raises(
+        ValueError, match="Length of `adapter_names` should be the same as the number of inputs, but got 2 and 3"
+    ):
         model(inputs, adapter_names=["default", "default"])
 
 

@@ -71,8 +71,9 @@ def test_iti_adapter_adds_the_offsets_and_round_trips(tmp_path):
     merged.save_pretrained(tmp_path / "merged")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(inputs).logits, adapted, atol=1e-6, rtol=0)
-        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(inputs).logits, adapted,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(inputs).logits, adapted, atol=1e-5, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -121,8 +122,9 @@ def test_activation_collection_picks_each_rows_last_token():
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
     states = collect_hidden_states(model, tokenizer, texts, batch_size=2)
     assert states.shape == (2, 2, 32)
-    torch.testing.assert_close(states, torch.cat([collect_hidden_states(model, tokenizer, [t]) for t in texts]),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        states, torch.cat([collect_hidden_states(model, tokenizer, [t]) for t in texts]), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_adapter_with_offsets_sets_exactly_the_given_heads():

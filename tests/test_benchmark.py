@@ -25,14 +25,44 @@ def layer_one_selection(tmp_path) -> Path:
 def test_benchmark_end_to_end_on_tiny_model(tmp_path):
     model_dir = tiny_model_folder(tmp_path / "tiny")
     output = tmp_path / "results"
-    compare.main([
-        "--model", str(model_dir), "--train-limit", "8", "--eval-limit", "2", "--epochs", "1", "--localize-epochs", "1",
-        "--batch-size", "4", "--fraction", "0.25", "--seeds", "1", "--methods", *compare.METHODS,
-        "--other-heads", str(layer_one_selection(tmp_path)),
-        "--sweep-data", "4", "--sweep-k", "0.5", "--prefill-tokens", "16", "--decode-tokens", "4", "--repeats", "1",
-        "--eval-speed-questions", "3",
-        "--output", str(output),
-    ])
+    compare.main(
+        [
+            "--model",
+            str(model_dir),
+            "--train-limit",
+            "8",
+            "--eval-limit",
+            "2",
+            "--epochs",
+            "1",
+            "--localize-epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--fraction",
+            "0.25",
+            "--seeds",
+            "1",
+            "--methods",
+            *compare.METHODS,
+            "--other-heads",
+            str(layer_one_selection(tmp_path)),
+            "--sweep-data",
+            "4",
+            "--sweep-k",
+            "0.5",
+            "--prefill-tokens",
+            "16",
+            "--decode-tokens",
+            "4",
+            "--repeats",
+            "1",
+            "--eval-speed-questions",
+            "3",
+            "--output",
+            str(output),
+        ]
+    )
     results = json.loads((output / "results.json").read_text())
     assert {"date", "command", "machine", "settings", "rows", "summary", "eval_prefix_cache"} <= set(results)
     speed = results["eval_prefix_cache"]
@@ -64,15 +94,29 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path):
     assert next(r for r in results["rows"] if r["method"] == "lofit")["trainable_parameters"] == 2 * 8  # K=2 x d=8
     assert (output / "results.md").read_text().count("\n|") >= len(results["summary"])
     assert all((output / f"mc1_vs_{name}.png").is_file() for name in ("parameters", "k", "data"))
-    table = compare.main(["--combine", str(output / "results.json"), str(output / "results.json"), "--output", str(output)])
+    table = compare.main(
+        ["--combine", str(output / "results.json"), str(output / "results.json"), "--output", str(output)]
+    )
     assert table["combined"].count("\n|") == len(results["summary"]) + 1  # rows of one method/size/K merged
     assert "| lofit | 8 | 2 | 2 |" in table["combined"]  # two copies of seed 1 -> 2 seeds
 
 
 def test_summary_mean_and_spread_over_seeds():
     rows = [
-        dict(method="lofit", seed=seed, train_rows=8, k=2, trainable_parameters=16, adapter_bytes=100, localize_s=1.0,
-             train_s=2.0, step_s=0.5, peak_memory_mb=10.0, metrics={"mc1": mc1}, latency=None)
+        dict(
+            method="lofit",
+            seed=seed,
+            train_rows=8,
+            k=2,
+            trainable_parameters=16,
+            adapter_bytes=100,
+            localize_s=1.0,
+            train_s=2.0,
+            step_s=0.5,
+            peak_memory_mb=10.0,
+            metrics={"mc1": mc1},
+            latency=None,
+        )
         for seed, mc1 in ((1, 0.2), (2, 0.4), (3, 0.6))
     ]
     (entry,) = compare.summarize(rows, ("mc1",))
@@ -84,17 +128,49 @@ def test_summary_mean_and_spread_over_seeds():
 def test_other_heads_must_fit_the_model(tmp_path):
     wrong = HeadSelection(scores=[[1.0, 2.0]] * 3).save(tmp_path / "wrong.json")
     with pytest.raises(ValueError, match="scores 3 layers x 2 heads, but the model has 2 layers x 4 heads"):
-        compare.main(["--model", str(tiny_model_folder(tmp_path / "tiny")), "--methods", "lofit_other_heads", "--other-heads",
-                      str(wrong), "--train-limit", "4", "--eval-limit", "1", "--skip-latency",
-                      "--eval-speed-questions", "0", "--output", str(tmp_path / "out")])
+        compare.main(
+            [
+                "--model",
+                str(tiny_model_folder(tmp_path / "tiny")),
+                "--methods",
+                "lofit_other_heads",
+                "--other-heads",
+                str(wrong),
+                "--train-limit",
+                "4",
+                "--eval-limit",
+                "1",
+                "--skip-latency",
+                "--eval-speed-questions",
+                "0",
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
 
 
 def test_train_speed_mode(tmp_path):
-    result = compare.main([
-        "--model", str(tiny_model_folder(tmp_path / "tiny")), "--train-speed-only", "--head-selection",
-        str(layer_one_selection(tmp_path)), "--fraction", "0.25", "--train-limit", "8", "--batch-size", "4",
-        "--epochs", "2", "--repeats", "1", "--output", str(tmp_path / "out"),
-    ])["train_speed"]
+    result = compare.main(
+        [
+            "--model",
+            str(tiny_model_folder(tmp_path / "tiny")),
+            "--train-speed-only",
+            "--head-selection",
+            str(layer_one_selection(tmp_path)),
+            "--fraction",
+            "0.25",
+            "--train-limit",
+            "8",
+            "--batch-size",
+            "4",
+            "--epochs",
+            "2",
+            "--repeats",
+            "1",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )["train_speed"]
     variants = result["variants"]
     assert set(variants) == set(compare.SPEED_VARIANTS) and result["train_rows"] == 8
     for value in variants.values():
@@ -131,18 +207,43 @@ def test_sweep_curves_hold_the_other_field_fixed():
     def entry(method, rows, k, mc1):
         return dict(method=method, train_rows=rows, k=k, mc1=mc1, mc1_std=0.0)
 
-    summary = [entry("lofit", 16, 8, 0.1), entry("lofit", 32, 8, 0.2), entry("lofit", 32, 4, 0.3),
-               entry("lofit", 32, 16, 0.4), entry("lora_r8", 16, None, 0.5), entry("lora_r8", 32, None, 0.6)]
+    summary = [
+        entry("lofit", 16, 8, 0.1),
+        entry("lofit", 32, 8, 0.2),
+        entry("lofit", 32, 4, 0.3),
+        entry("lofit", 32, 16, 0.4),
+        entry("lora_r8", 16, None, 0.5),
+        entry("lora_r8", 32, None, 0.6),
+    ]
     assert compare.sweep_curves(summary, "train_rows", "mc1") == {
-        "lofit": [(16, 0.1, 0.0), (32, 0.2, 0.0)], "lora_r8": [(16, 0.5, 0.0), (32, 0.6, 0.0)]}
+        "lofit": [(16, 0.1, 0.0), (32, 0.2, 0.0)],
+        "lora_r8": [(16, 0.5, 0.0), (32, 0.6, 0.0)],
+    }
     assert compare.sweep_curves(summary, "k", "mc1") == {"lofit": [(4, 0.3, 0.0), (8, 0.2, 0.0), (16, 0.4, 0.0)]}
 
 
 def test_latency_only_mode(tmp_path):
     model_dir = tiny_model_folder(tmp_path / "tiny")
-    result = compare.main(["--model", str(model_dir), "--latency-only", "--methods", "lofit", "lora_r8", "--fraction",
-                           "0.25", "--prefill-tokens", "8", "--decode-tokens", "2", "--repeats", "2",
-                           "--output", str(tmp_path / "out")])["latency"]
+    result = compare.main(
+        [
+            "--model",
+            str(model_dir),
+            "--latency-only",
+            "--methods",
+            "lofit",
+            "lora_r8",
+            "--fraction",
+            "0.25",
+            "--prefill-tokens",
+            "8",
+            "--decode-tokens",
+            "2",
+            "--repeats",
+            "2",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )["latency"]
     assert set(result) == {"base", "lofit_unmerged", "lofit_merged", "lora_r8_unmerged", "lora_r8_merged"}
     assert result["base"]["prefill_s_vs_base"] == 1.0 and all(v["decode_s"] > 0 for v in result.values())
     assert json.loads((tmp_path / "out" / "latency.json").read_text()) == result

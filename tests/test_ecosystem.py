@@ -51,13 +51,28 @@ def free_port() -> str:
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", free_port()]
+ACCELERATE = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+    "--main_process_port",
+    free_port(),
+]
 
 
 @pytest.mark.parametrize(
-    "launcher, objective", [(TORCHRUN, "sft"), (TORCHRUN, "dpo"), (ACCELERATE, "sft")], ids=["torchrun-sft", "torchrun-dpo", "accelerate-sft"]
+    "launcher, objective",
+    [(TORCHRUN, "sft"), (TORCHRUN, "dpo"), (ACCELERATE, "sft")],
+    ids=["torchrun-sft", "torchrun-dpo", "accelerate-sft"],
 )
 def test_two_process_ddp_equals_single_process(tmp_path, launcher, objective):
     single = run_worker([sys.executable], tmp_path / "single", batch=4, objective=objective)
@@ -74,10 +89,31 @@ def test_two_process_ddp_equals_single_process(tmp_path, launcher, objective):
 
 def test_lofit_run_under_torchrun_equals_single_process_and_writes_once(tmp_path):
     model_dir = tiny_model_folder(tmp_path / "tiny")
-    common = ["run", "--model", str(model_dir), "--train-limit", "8", "--eval-limit", "2", "--k", "2", "--epochs", "1",
-              "--localize-epochs", "1", "--lr", "5e-2", "--localize-lr", "5e-2", "--threads", "1"]
+    common = [
+        "run",
+        "--model",
+        str(model_dir),
+        "--train-limit",
+        "8",
+        "--eval-limit",
+        "2",
+        "--k",
+        "2",
+        "--epochs",
+        "1",
+        "--localize-epochs",
+        "1",
+        "--lr",
+        "5e-2",
+        "--localize-lr",
+        "5e-2",
+        "--threads",
+        "1",
+    ]
     assert cli.main([*common, "--batch-size", "4", "--output", str(tmp_path / "single")]) == 0
-    result = launch([*TORCHRUN, "-m", "peft_lofit.cli", *common, "--batch-size", "2", "--output", str(tmp_path / "ddp")])
+    result = launch(
+        [*TORCHRUN, "-m", "peft_lofit.cli", *common, "--batch-size", "2", "--output", str(tmp_path / "ddp")]
+    )
     assert result.stdout.count("| LoFiT (K = 2) |") == 1  # printed by the main process only
     single, double = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("single", "ddp"))
     assert double["heads"] == single["heads"]
@@ -129,15 +165,29 @@ def test_hot_swap_refuses_other_heads(tmp_path):
 
 
 # --------------------------------------------------------------------------------- gradient checkpointing
-@pytest.mark.parametrize("vectors", [dict(use_scaling=True, use_offset=False), dict(use_offset=True)], ids=["step1", "step2"])
+@pytest.mark.parametrize(
+    "vectors", [dict(use_scaling=True, use_offset=False), dict(use_offset=True)], ids=["step1", "step2"]
+)
 def test_gradient_checkpointing_gives_the_same_adapter(tmp_path, vectors):
     rows = [{"prompt": f"q{c}", "completion": f" {c}{c}"} for c in "abcd"]
     results = []
     for checkpointing in (False, True):
-        settings = TrainSettings(epochs=2, batch_size=2, learning_rate=5e-2, output_dir=str(tmp_path / str(checkpointing)),
-                                 gradient_checkpointing=checkpointing, l1_lambda=1e-3 if vectors.get("use_scaling") else 0)
-        model, trainer = train_adapter(tiny_model("llama"), tiny_tokenizer(), rows, "sft",
-                                     LoFiTConfig(heads=HEADS, init_weights="normal", **vectors), settings)
+        settings = TrainSettings(
+            epochs=2,
+            batch_size=2,
+            learning_rate=5e-2,
+            output_dir=str(tmp_path / str(checkpointing)),
+            gradient_checkpointing=checkpointing,
+            l1_lambda=1e-3 if vectors.get("use_scaling") else 0,
+        )
+        model, trainer = train_adapter(
+            tiny_model("llama"),
+            tiny_tokenizer(),
+            rows,
+            "sft",
+            LoFiTConfig(heads=HEADS, init_weights="normal", **vectors),
+            settings,
+        )
         assert model.base_model.model.is_gradient_checkpointing == checkpointing
         results.append({n: p.detach().clone() for n, p in model.named_parameters() if "lofit_" in n})
     for name in results[0]:
@@ -162,7 +212,9 @@ def test_quantized_base_trains_and_refuses_to_merge(inputs):
     model(inputs, labels=inputs).loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
     for merge in (model.merge_and_unload, model.merge_adapter):
-        with pytest.raises(ValueError, match="Cannot merge a LoFiT adapter into a quantized projection .*full precision"):
+        with pytest.raises(
+            ValueError, match="Cannot merge a LoFiT adapter into a quantized projection .*full precision"
+        ):
             merge()
     assert sum(isinstance(m, LoFiTLayer) for m in model.modules()) == 2 and not any(
         m.merged for m in model.modules() if isinstance(m, LoFiTLayer)
@@ -176,8 +228,20 @@ def test_export_writes_a_plain_transformers_checkpoint(tmp_path, inputs):
     save_adapter(adapted, tmp_path / "adapter")
     with torch.no_grad():
         expected = adapted(inputs).logits
-    assert cli.main(["export", "--model", str(base_dir), "--adapter", str(tmp_path / "adapter"),
-                     "--merged", str(tmp_path / "merged")]) == 0
+    assert (
+        cli.main(
+            [
+                "export",
+                "--model",
+                str(base_dir),
+                "--adapter",
+                str(tmp_path / "adapter"),
+                "--merged",
+                str(tmp_path / "merged"),
+            ]
+        )
+        == 0
+    )
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert config["attention_bias"] is True
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
@@ -190,8 +254,14 @@ def test_lofit_config_as_peft_config_of_trl_trainers(tmp_path):
     tokenizer = tiny_tokenizer()
     sft = SFTTrainer(
         model=tiny_model("llama"),
-        args=SFTConfig(output_dir=str(tmp_path / "sft"), num_train_epochs=1, per_device_train_batch_size=2,
-                       report_to="none", learning_rate=5e-2, use_cpu=True),
+        args=SFTConfig(
+            output_dir=str(tmp_path / "sft"),
+            num_train_epochs=1,
+            per_device_train_batch_size=2,
+            report_to="none",
+            learning_rate=5e-2,
+            use_cpu=True,
+        ),
         train_dataset=Dataset.from_list([{"prompt": "qa", "completion": " bb"}] * 4),
         processing_class=tokenizer,
         peft_config=LoFiTConfig(heads=HEADS),
@@ -199,8 +269,14 @@ def test_lofit_config_as_peft_config_of_trl_trainers(tmp_path):
     sft.train()
     dpo = DPOTrainer(
         model=tiny_model("llama"),
-        args=DPOConfig(output_dir=str(tmp_path / "dpo"), num_train_epochs=1, per_device_train_batch_size=2,
-                       report_to="none", learning_rate=5e-2, use_cpu=True),
+        args=DPOConfig(
+            output_dir=str(tmp_path / "dpo"),
+            num_train_epochs=1,
+            per_device_train_batch_size=2,
+            report_to="none",
+            learning_rate=5e-2,
+            use_cpu=True,
+        ),
         train_dataset=Dataset.from_list([{"prompt": "qa", "chosen": " bb", "rejected": " cc"}] * 4),
         processing_class=tokenizer,
         peft_config=LoFiTConfig(heads=HEADS),

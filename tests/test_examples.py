@@ -24,13 +24,32 @@ def model_dir(tmp_path):
 
 def test_quickstart(monkeypatch, capsys):
     run_example("quickstart.py", monkeypatch=monkeypatch)
-    assert "reloaded adapter gives the same logits: True; merged model gives the same logits: True" in capsys.readouterr().out
+    assert (
+        "reloaded adapter gives the same logits: True; merged model gives the same logits: True"
+        in capsys.readouterr().out
+    )
 
 
 def test_truthfulqa_two_steps(tmp_path, model_dir, monkeypatch, capsys):
     output = tmp_path / "run"
-    run_example("truthfulqa_two_steps.py", "--model", model_dir, "--k", "2", "--localize-epochs", "1", "--epochs", "1",
-                "--train-limit", "8", "--eval-limit", "2", "--output", str(output), monkeypatch=monkeypatch)
+    run_example(
+        "truthfulqa_two_steps.py",
+        "--model",
+        model_dir,
+        "--k",
+        "2",
+        "--localize-epochs",
+        "1",
+        "--epochs",
+        "1",
+        "--train-limit",
+        "8",
+        "--eval-limit",
+        "2",
+        "--output",
+        str(output),
+        monkeypatch=monkeypatch,
+    )
     printed = capsys.readouterr().out
     assert "selected heads:" in printed and "LoFiT MC1" in printed and "(2 heads)" in printed
     assert {"heads.json", "heads.png", "adapter"} <= {path.name for path in output.iterdir()}
@@ -38,7 +57,17 @@ def test_truthfulqa_two_steps(tmp_path, model_dir, monkeypatch, capsys):
 
 def test_sft_clutrr(tmp_path, model_dir, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    run_example("sft_clutrr.py", "--model", model_dir, "--train-limit", "8", "--eval-limit", "2", "--epochs", "1",
-                monkeypatch=monkeypatch)
+    run_example(
+        "sft_clutrr.py",
+        "--model",
+        model_dir,
+        "--train-limit",
+        "8",
+        "--eval-limit",
+        "2",
+        "--epochs",
+        "1",
+        monkeypatch=monkeypatch,
+    )
     assert "| LoFiT (K = 1) |" in capsys.readouterr().out
     assert (tmp_path / "lofit_runs" / "clutrr" / "adapter" / "adapter_model.safetensors").is_file()

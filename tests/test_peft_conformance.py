@@ -1,8 +1,8 @@
 """LoFiT behaves like every PEFT adapter: the checks of PEFT's generic tests, for every family, plain or wrapped.
 
 Shaped like PEFT's own generic tests (``TestPeftCustomModel``, ``TestMultipleActiveAdapters``, ``TestDecoderModels``,
-``TestPeftConfig``): one table of cases (model family x config x plain / wrapped in a module without ``.config``), every
-case run through the same checks. No case passes ``num_heads``, ``head_dim`` or ``target_modules``: LoFiT reads them
+``TestPeftConfig``): one table of cases (model family x config x plain / wrapped in a module without ``.config``),
+every case run through the same checks. No case passes ``num_heads``, ``head_dim`` or ``target_modules``: LoFiT reads them
 from the model, also through the wrapper.
 """
 
@@ -97,7 +97,9 @@ def test_injection_adds_nothing_to_the_base_and_reads_geometry_from_the_model(ar
 
 
 def test_layer_index_comes_from_the_innermost_layer_list():
-    model = get_peft_model(ConfiglessWrapper(tiny_model("llama")), LoFiTConfig(heads=[[1, 2]], target_modules=["o_proj"]))
+    model = get_peft_model(
+        ConfiglessWrapper(tiny_model("llama")), LoFiTConfig(heads=[[1, 2]], target_modules=["o_proj"])
+    )
     names = [name for name, module in model.named_modules() if isinstance(module, LoFiTLayer)]
     assert names == ["base_model.model.models.0.model.layers.1.self_attn.o_proj"]
 
@@ -121,8 +123,11 @@ def test_save_load_round_trip(arch, config, wrapped, inputs, tmp_path):
     expected = run(model, inputs)
     differs(expected, run(base_model(arch, wrapped), inputs))
     model.save_pretrained(tmp_path)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["README.md", "adapter_config.json",
-                                                                "adapter_model.safetensors"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     assert set(load_file(tmp_path / "adapter_model.safetensors")) == set(get_peft_model_state_dict(model))
     torch.manual_seed(54321)  # nothing about the adapter may come from the random state
     with warnings.catch_warnings(record=True) as caught:
@@ -147,7 +152,9 @@ def test_selected_adapters_save_to_subfolders_and_load_back(arch, wrapped, input
         loaded.set_adapter(name)
         close(run(loaded.eval(), inputs), run(model, inputs), tol=0)
     model.save_pretrained(tmp_path / "only_default", selected_adapters=["default"])
-    assert set(PeftModel.from_pretrained(base_model(arch, wrapped), tmp_path / "only_default").peft_config) == {"default"}
+    assert set(PeftModel.from_pretrained(base_model(arch, wrapped), tmp_path / "only_default").peft_config) == {
+        "default"
+    }
 
 
 @pytest.mark.parametrize("arch, wrapped", FAMILY_CASES, ids=map(case_id, FAMILY_CASES))
@@ -174,8 +181,12 @@ def test_adapter_dtype_follows_autocast_adapter_dtype(dtype, autocast, wrapped, 
     assert lofit_dtypes(model) == expected
     model.save_pretrained(tmp_path)
     for low_cpu_mem_usage in (False, True):
-        loaded = PeftModel.from_pretrained(base_model("llama", wrapped, dtype), tmp_path,
-                                           autocast_adapter_dtype=autocast, low_cpu_mem_usage=low_cpu_mem_usage)
+        loaded = PeftModel.from_pretrained(
+            base_model("llama", wrapped, dtype),
+            tmp_path,
+            autocast_adapter_dtype=autocast,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
         loaded.load_adapter(tmp_path / "other", "other", autocast_adapter_dtype=autocast)
         assert lofit_dtypes(loaded) == expected
 
@@ -184,7 +195,9 @@ def test_adapter_dtype_follows_autocast_adapter_dtype(dtype, autocast, wrapped, 
 @pytest.mark.parametrize("arch, config, wrapped", CASES, ids=map(case_id, CASES))
 def test_merge_unmerge_and_merge_and_unload(arch, config, wrapped, inputs, tmp_path):
     model = adapted(arch, config, wrapped)
-    base_state = {key: value.clone() for key, value in model.get_base_model().state_dict().items() if "lofit_" not in key}
+    base_state = {
+        key: value.clone() for key, value in model.get_base_model().state_dict().items() if "lofit_" not in key
+    }
     expected = run(model, inputs)
     model.merge_adapter()
     close(run(model, inputs), expected)
@@ -239,7 +252,10 @@ def test_merged_checkpoint_loads_without_peft_lofit(arch, inputs, tmp_path):
 
 @pytest.mark.parametrize(
     "arch, window",
-    [("mistral", dict(sliding_window=4)), ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=0))],
+    [
+        ("mistral", dict(sliding_window=4)),
+        ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=0)),
+    ],
 )
 def test_sliding_window_offsets_are_refused_before_touching_the_model(arch, window, inputs):
     torch.manual_seed(0)
@@ -256,8 +272,9 @@ def test_sliding_window_offsets_are_refused_before_touching_the_model(arch, wind
 
 def test_gptj_offsets_merge_in_memory_but_are_refused_for_a_checkpoint(inputs):
     """GPT-J's out_proj has no bias and its config no switch, and no stock architecture computes what it does."""
-    config = GPTJConfig(vocab_size=64, n_embd=32, n_head=4, n_layer=2, n_positions=64, rotary_dim=4, bos_token_id=1,
-                        eos_token_id=2)
+    config = GPTJConfig(
+        vocab_size=64, n_embd=32, n_head=4, n_layer=2, n_positions=64, rotary_dim=4, bos_token_id=1, eos_token_id=2
+    )
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_config(config).eval(), lofit("both")).eval()
     expected = run(model, inputs)
@@ -340,8 +357,10 @@ def test_delete_adapters_inactive_active_and_merged(arch, wrapped, inputs):
     model.set_adapter("other")
     model.merge_adapter()
     merged_before = [list(layer.merged_adapters) for layer in lofit_layers(model)]
-    with pytest.raises(ValueError, match=re.escape("Cannot delete adapter(s) ['other'] while they are merged. "
-                                                   "Please unmerge them first.")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("Cannot delete adapter(s) ['other'] while they are merged. Please unmerge them first."),
+    ):
         model.delete_adapter("other")
     assert set(model.peft_config) == {"default", "other"}
     model.delete_adapter("default")  # inactive, not merged: the merged one stays merged

@@ -49,7 +49,9 @@ def test_pipeline_end_to_end_on_tiny_model(tmp_path, task):
 
 
 def test_pipeline_with_random_and_reused_heads(tmp_path):
-    first = run_pipeline(tiny_settings(tmp_path, heads="random"), model=tiny_model("llama"), tokenizer=tiny_tokenizer())
+    first = run_pipeline(
+        tiny_settings(tmp_path, heads="random"), model=tiny_model("llama"), tokenizer=tiny_tokenizer()
+    )
     assert len(first["heads"]) == 2 and "localize_s" not in first["timings_s"]
     selection = HeadSelection(scores=[[0.0, 0.0, 0.9, 0.0], [0.8, 0.0, 0.0, 0.0]])
     selection.save(tmp_path / "other_task_heads.json")
@@ -62,20 +64,25 @@ def test_pipeline_with_random_and_reused_heads(tmp_path):
 
 
 def test_l1_search_chooses_on_validation_and_trains_the_winner(tmp_path):
-    results = run_pipeline(tiny_settings(tmp_path, l1_search=[1e-4, 3e-1]), model=tiny_model("llama"),
-                           tokenizer=tiny_tokenizer())
+    results = run_pipeline(
+        tiny_settings(tmp_path, l1_search=[1e-4, 3e-1]), model=tiny_model("llama"), tokenizer=tiny_tokenizer()
+    )
     search, run = results["l1_search"], tmp_path / "run"
     trials = {value: run / "l1_search" / f"l1_{value:g}" for value in (1e-4, 3e-1)}
     saved = {value: json.loads((folder / "metrics.json").read_text()) for value, folder in trials.items()}
-    assert all(saved[v]["settings"]["eval_split"] == "val" and saved[v]["settings"]["localize"]["l1_lambda"] == v
-               for v in trials)
+    assert all(
+        saved[v]["settings"]["eval_split"] == "val" and saved[v]["settings"]["localize"]["l1_lambda"] == v
+        for v in trials
+    )
     assert search["metric"] == "mc2" and search["scores"] == [saved[v]["lofit"]["mc2"] for v in (1e-4, 3e-1)]
     best = max(trials, key=lambda v: (saved[v]["lofit"]["mc2"], -v))  # the first value wins a tie
     assert search["best"] == best and results["settings"]["localize"]["l1_lambda"] == best
     # The final run trains the winner's heads and evaluates them on the test split: same seed, same adapter.
     assert results["heads"] == saved[best]["heads"] and results["settings"]["eval_split"] == "test"
-    assert HeadSelection.load(run / "head_selection.json").scores == HeadSelection.load(
-        trials[best] / "head_selection.json").scores
+    assert (
+        HeadSelection.load(run / "head_selection.json").scores
+        == HeadSelection.load(trials[best] / "head_selection.json").scores
+    )
     final, trial = (load_file(folder / "adapter" / "adapter_model.safetensors") for folder in (run, trials[best]))
     for key in final:
         torch.testing.assert_close(final[key], trial[key], atol=1e-6, rtol=1e-5)
@@ -87,7 +94,10 @@ def test_l1_search_chooses_on_validation_and_trains_the_winner(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(heads="random", l1_search=[1e-3]), "--l1-search chooses the L1 weight of step 1, so it needs --heads learned"),
+        (
+            dict(heads="random", l1_search=[1e-3]),
+            "--l1-search chooses the L1 weight of step 1, so it needs --heads learned",
+        ),
         (dict(l1_search=[1e-3, 0.0]), r"--l1-search needs one or more L1 weights > 0, got \[0.001, 0.0\]"),
         (dict(l1_search=[1e-3, 0.0010000001]), "--l1-search values must differ"),
         (dict(l1_search=[1e-3], eval_split="val"), "--l1-search chooses on the val split; evaluate on another one"),
@@ -100,8 +110,11 @@ def test_l1_search_settings_are_checked(tmp_path, overrides, message):
 
 def test_l1_search_keeps_the_first_value_on_a_tie(tmp_path, monkeypatch):
     val_scores = {3e-1: 0.5, 1e-4: 0.5, 1e-2: 0.4}
-    monkeypatch.setattr(pipeline, "run_pipeline",
-                        lambda trial, model, tokenizer: {"lofit": {"mc2": val_scores[trial.localize.l1_lambda]}})
+    monkeypatch.setattr(
+        pipeline,
+        "run_pipeline",
+        lambda trial, model, tokenizer: {"lofit": {"mc2": val_scores[trial.localize.l1_lambda]}},
+    )
     search = pipeline.choose_l1(tiny_settings(tmp_path, l1_search=[3e-1, 1e-4, 1e-2]))
     assert search["best"] == 3e-1 and search["scores"] == [0.5, 0.5, 0.4]
     assert search["head_selection"] == str(tmp_path / "run" / "l1_search" / "l1_0.3" / "head_selection.json")
@@ -110,9 +123,15 @@ def test_l1_search_keeps_the_first_value_on_a_tie(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["run", "--heads", "no_such_file.json"], "--heads must be 'learned', 'random' or an existing head-selection JSON"),
+        (
+            ["run", "--heads", "no_such_file.json"],
+            "--heads must be 'learned', 'random' or an existing head-selection JSON",
+        ),
         (["train", "--heads", "learned"], "lofit train needs --heads FILE.json"),
-        (["localize", "--task", "clutrr", "--data-dir", "/nonexistent"], "CLUTRR train split not found at /nonexistent"),
+        (
+            ["localize", "--task", "clutrr", "--data-dir", "/nonexistent"],
+            "CLUTRR train split not found at /nonexistent",
+        ),
         (["run", "--task", "mquake", "--data-dir", "/nonexistent"], "MQuAKE train split not found at /nonexistent"),
         (["run", "--heads", "random", "--l1-search", "1e-3", "2e-3"], "--l1-search chooses the L1 weight of step 1"),
     ],
@@ -124,7 +143,8 @@ def test_cli_errors_are_one_line(argv, message, capsys):
 
 
 @pytest.mark.parametrize(
-    "argv", [["run", "--k", "0"], ["run", "--fraction", "2"], ["run", "--lr", "-1"], ["run", "--l1-search", "1e-3", "0"]]
+    "argv",
+    [["run", "--k", "0"], ["run", "--fraction", "2"], ["run", "--lr", "-1"], ["run", "--l1-search", "1e-3", "0"]],
 )
 def test_cli_rejects_out_of_range_arguments(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -175,5 +195,8 @@ def test_pipeline_fails_before_training(tmp_path, overrides, message):
 def test_head_selection_from_another_model_is_refused_early(tmp_path):
     HeadSelection(scores=[[0.1] * 9] * 30).save(tmp_path / "smollm_heads.json")
     with pytest.raises(ValueError, match="scores 30 layers x 9 heads, but the model has 2 layers x 4 heads"):
-        run_pipeline(tiny_settings(tmp_path, heads=str(tmp_path / "smollm_heads.json")), model=tiny_model("llama"),
-                     tokenizer=tiny_tokenizer())
+        run_pipeline(
+            tiny_settings(tmp_path, heads=str(tmp_path / "smollm_heads.json")),
+            model=tiny_model("llama"),
+            tokenizer=tiny_tokenizer(),
+        )

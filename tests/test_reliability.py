@@ -50,7 +50,10 @@ def with_config(adapter_dir: Path, fixture: str) -> Path:
     [
         ("current.json", None),
         ("older_missing_fields.json", r"lacks fields \[.*'init_std'.*'use_scaling'.*\]; using their defaults"),
-        ("newer_extra_fields.json", r"Unexpected keyword arguments \[.head_groups., .offset_dropout.\] for class LoFiTConfig"),
+        (
+            "newer_extra_fields.json",
+            r"Unexpected keyword arguments \[.head_groups., .offset_dropout.\] for class LoFiTConfig",
+        ),
         ("authors_field_name.json", "`lofit_heads` is now called `heads`"),
     ],
 )
@@ -101,15 +104,24 @@ def test_valid_folder_passes(adapter_dir):
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda f: (f / "adapter_model.safetensors").write_bytes((f / "adapter_model.safetensors").read_bytes()[:40]),
-         "cannot be read as safetensors .* truncated or corrupted"),
+        (
+            lambda f: (f / "adapter_model.safetensors").write_bytes(
+                (f / "adapter_model.safetensors").read_bytes()[:40]
+            ),
+            "cannot be read as safetensors .* truncated or corrupted",
+        ),
         (lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x00" * 64), "cannot be read as safetensors"),
         (lambda f: (f / "adapter_config.json").write_text('{"peft_type": "LOF'), "is not valid JSON"),
         (lambda f: (f / "adapter_config.json").write_text('{"peft_type": "LORA"}'), "describes a 'LORA' adapter"),
         (lambda f: (f / "adapter_config.json").unlink(), "adapter_config.json not found"),
         (lambda f: (f / "adapter_model.safetensors").unlink(), "adapter_model.safetensors not found"),
-        (lambda f: save_file({k: v.to(torch.int32) for k, v in load_file(f / "adapter_model.safetensors").items()},
-                             f / "adapter_model.safetensors"), "has dtype I32; LoFiT vectors are floating point"),
+        (
+            lambda f: save_file(
+                {k: v.to(torch.int32) for k, v in load_file(f / "adapter_model.safetensors").items()},
+                f / "adapter_model.safetensors",
+            ),
+            "has dtype I32; LoFiT vectors are floating point",
+        ),
     ],
 )
 def test_broken_adapter_files_are_named(adapter_dir, damage, message):
@@ -207,8 +219,15 @@ class StopAt(TrainerCallback):
 
 
 def sft_settings(output, **kwargs):
-    return TrainSettings(epochs=3, batch_size=4, learning_rate=5e-2, output_dir=str(output), save_checkpoints=True,
-                         logging_steps=1, **kwargs)
+    return TrainSettings(
+        epochs=3,
+        batch_size=4,
+        learning_rate=5e-2,
+        output_dir=str(output),
+        save_checkpoints=True,
+        logging_steps=1,
+        **kwargs,
+    )
 
 
 def offsets(model):
@@ -219,7 +238,9 @@ def test_resumed_training_equals_uninterrupted(tmp_path, monkeypatch):
     from peft_lofit import training
 
     config = LoFiTConfig(heads=HEADS, use_scaling=True)
-    full, _ = train_adapter(tiny_model("llama"), tiny_tokenizer(), SFT_ROWS, "sft", config, sft_settings(tmp_path / "full"))
+    full, _ = train_adapter(
+        tiny_model("llama"), tiny_tokenizer(), SFT_ROWS, "sft", config, sft_settings(tmp_path / "full")
+    )
 
     original = training.build_trainer
 
@@ -234,7 +255,11 @@ def test_resumed_training_equals_uninterrupted(tmp_path, monkeypatch):
     monkeypatch.setattr(training, "build_trainer", original)
     assert (tmp_path / "cut" / "checkpoint-2").is_dir()
     resumed, _ = train_adapter(
-        tiny_model("llama"), tiny_tokenizer(), SFT_ROWS, "sft", config,
+        tiny_model("llama"),
+        tiny_tokenizer(),
+        SFT_ROWS,
+        "sft",
+        config,
         sft_settings(tmp_path / "cut", resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2")),
     )
     expected, got = offsets(full), offsets(resumed)
@@ -255,7 +280,9 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_adapter(tmp_path):
     model.model.norm.register_forward_hook(poison)  # TRL computes the loss from lm_head.weight directly
     config = LoFiTConfig(heads=HEADS)
     settings = TrainSettings(epochs=2, batch_size=2, learning_rate=5e-2, output_dir=str(tmp_path), logging_steps=1)
-    with pytest.raises(FloatingPointError, match=r"loss became nan at step 3.*last good adapter is saved in .*last_good_adapter"):
+    with pytest.raises(
+        FloatingPointError, match=r"loss became nan at step 3.*last good adapter is saved in .*last_good_adapter"
+    ):
         train_adapter(model, tiny_tokenizer(), SFT_ROWS, "sft", config, settings)
     kept = load_file(tmp_path / "last_good_adapter" / "adapter_model.safetensors")
     assert kept and all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in kept.values())  # trained 2 steps
@@ -275,7 +302,11 @@ def test_head_list_parsing_sorts_or_rejects_duplicates(raw):
         assert normalize_heads([list(p) for p in reversed(raw)]) == normalize_heads(raw)
 
 
-@given(st.lists(st.one_of(st.integers(-5, -1), st.floats(0.5, 3.5), st.text(max_size=2), st.none()), min_size=1, max_size=3))
+@given(
+    st.lists(
+        st.one_of(st.integers(-5, -1), st.floats(0.5, 3.5), st.text(max_size=2), st.none()), min_size=1, max_size=3
+    )
+)
 def test_head_list_parsing_rejects_non_indices(bad_values):
     with pytest.raises(ValueError, match=r"heads\[0\]"):
         normalize_heads([[bad_values[0], 0]])
@@ -321,7 +352,9 @@ def test_saving_over_an_adapter_keeps_other_files_and_never_mixes_saves(adapter_
     (folder / "head_selection.json").write_text("{}")
     other = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=[[0, 2]], init_weights=False))
     save_adapter(other, folder)
-    assert validate_adapter_folder(folder)["heads"] == [[0, 2]] and (folder / "head_selection.json").read_text() == "{}"
+    assert (
+        validate_adapter_folder(folder)["heads"] == [[0, 2]] and (folder / "head_selection.json").read_text() == "{}"
+    )
     real_replace, calls = os.replace, []
 
     def interrupted_replace(source, target):

@@ -9,12 +9,17 @@ from conftest import tiny_model, tiny_tokenizer
 from peft_lofit import LoFiTConfig
 from peft_lofit.training import TrainSettings, train_adapter
 
-DPO_ROWS = [{"prompt": "q: ab a:", "chosen": " yes", "rejected": " no"}, {"prompt": "q: cd a:", "chosen": " b", "rejected": " c"}] * 4
+DPO_ROWS = [
+    {"prompt": "q: ab a:", "chosen": " yes", "rejected": " no"},
+    {"prompt": "q: cd a:", "chosen": " b", "rejected": " c"},
+] * 4
 
 
 def dpo_run(tmp_path, name, heads=((0, 1), (1, 2)), with_trainer=False, **overrides):
     """Two epochs of DPO on a tiny Llama; the logged losses and the trained vectors (and the trainer if asked)."""
-    settings = TrainSettings(epochs=2, batch_size=4, learning_rate=1e-2, output_dir=str(tmp_path / name), logging_steps=1)
+    settings = TrainSettings(
+        epochs=2, batch_size=4, learning_rate=1e-2, output_dir=str(tmp_path / name), logging_steps=1
+    )
     for key, value in overrides.items():
         setattr(settings, key, value)
     config = LoFiTConfig(heads=[list(head) for head in heads])

@@ -93,7 +93,11 @@ def test_golden_values_single_vector(arch, vectors, inputs):
     with torch.no_grad():
         adapted = model(inputs).logits
     expected = reference_logits(
-        reference_model, values, inputs, use_scaling=vectors.get("use_scaling", False), use_offset=vectors["use_offset"]
+        reference_model,
+        values,
+        inputs,
+        use_scaling=vectors.get("use_scaling", False),
+        use_offset=vectors["use_offset"],
     )
     torch.testing.assert_close(adapted, expected, atol=1e-6, rtol=0)
 
@@ -178,7 +182,9 @@ def test_auto_peft_model_loads_base_and_adapter(inputs, tmp_path):
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])
 def test_scaling_only_adapter_merges_without_bias(arch, inputs):
-    model = get_peft_model(tiny_model(arch), LoFiTConfig(heads=HEADS, use_scaling=True, use_offset=False, init_weights=False))
+    model = get_peft_model(
+        tiny_model(arch), LoFiTConfig(heads=HEADS, use_scaling=True, use_offset=False, init_weights=False)
+    )
     with torch.no_grad():
         expected = model(inputs).logits
         merged = model.merge_and_unload()
@@ -253,7 +259,9 @@ def test_half_precision(dtype, autocast_adapter_dtype, inputs):
 
 
 def test_deleting_the_active_adapter_leaves_one_consistent_active_set(inputs):
-    model = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=[[0, 1], [1, 1]], init_weights=False), adapter_name="a")
+    model = get_peft_model(
+        tiny_model("llama"), LoFiTConfig(heads=[[0, 1], [1, 1]], init_weights=False), adapter_name="a"
+    )
     model.add_adapter("b", LoFiTConfig(heads=[[0, 2]], init_weights=False))
     model.add_adapter("c", LoFiTConfig(heads=[[1, 3]], init_weights=False))
     model.delete_adapter("a")
@@ -266,7 +274,9 @@ def test_deleting_the_active_adapter_leaves_one_consistent_active_set(inputs):
 
 
 def test_mixed_batch_routes_modules_to_save(inputs):
-    model = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=HEADS, init_weights=False, modules_to_save=["lm_head"]))
+    model = get_peft_model(
+        tiny_model("llama"), LoFiTConfig(heads=HEADS, init_weights=False, modules_to_save=["lm_head"])
+    )
     model.add_adapter("b", LoFiTConfig(heads=HEADS, init_weights=False, modules_to_save=["lm_head"]))
     with torch.no_grad():
         model.base_model.model.lm_head.modules_to_save["b"].weight.add_(0.5)  # the copies differ

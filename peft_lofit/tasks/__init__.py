@@ -25,7 +25,9 @@ class Task:
     _rows: Callable
     _evaluate: Callable
 
-    def training_rows(self, split: str = "train", data_dir=None, fold: int = 0, limit: Optional[int] = None) -> list[dict]:
+    def training_rows(
+        self, split: str = "train", data_dir=None, fold: int = 0, limit: Optional[int] = None
+    ) -> list[dict]:
         return self._rows(split, data_dir, fold)[:limit]
 
     @property
@@ -35,7 +37,9 @@ class Task:
 
     def evaluate(self, model, tokenizer, split="test", data_dir=None, fold=0, limit=None, batch_size=16, desc=None):
         """Metrics of ``model`` on ``split`` (the first ``limit`` examples), as a dict with ``n``."""
-        return self._evaluate(model, tokenizer, split, data_dir, fold, limit, batch_size, desc or f"{self.name} {split}")
+        return self._evaluate(
+            model, tokenizer, split, data_dir, fold, limit, batch_size, desc or f"{self.name} {split}"
+        )
 
 
 def _truthfulqa_rows(split, data_dir, fold):

@@ -80,7 +80,9 @@ class GenerationExample:
     completion: str = ""  # the training target (answer text the model should produce)
 
 
-def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, desc: str) -> list[str]:
+def generate_greedy(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, desc: str
+) -> list[str]:
     """Greedy continuations of ``prompts`` (left-padded batches), decoded without special tokens."""
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import ast
 
-from .base import GenerationExample, data_root, evaluate_exact_match, existing_file, read_json_rows, require_fields, up_to_stop
+from .base import (
+    GenerationExample,
+    data_root,
+    evaluate_exact_match,
+    existing_file,
+    read_json_rows,
+    require_fields,
+    up_to_stop,
+)
 
 NAME = "clutrr"
 OBJECTIVE = "sft"
@@ -42,7 +50,9 @@ def load(split: str, data_dir=None) -> list[GenerationExample]:
             ) from None
         story = row["clean_story"].replace("[", "").replace("]", "")
         examples.append(
-            GenerationExample(prompt=prompt(story, per1, per2), answers=[row["target_text"]], completion=row["target_text"])
+            GenerationExample(
+                prompt=prompt(story, per1, per2), answers=[row["target_text"]], completion=row["target_text"]
+            )
         )
     return examples
 

@@ -6,8 +6,15 @@ greedy generation, first line, case-insensitive exact match against ``new_answer
 
 from __future__ import annotations
 
-
-from .base import GenerationExample, data_root, evaluate_exact_match, existing_file, first_line, read_json_rows, require_fields
+from .base import (
+    GenerationExample,
+    data_root,
+    evaluate_exact_match,
+    existing_file,
+    first_line,
+    read_json_rows,
+    require_fields,
+)
 
 NAME = "mquake"
 OBJECTIVE = "sft"

@@ -212,4 +212,3 @@ def evaluate_mc(
     metrics = {key: value / max(len(questions), 1) for key, value in totals.items()}
     metrics["n"] = len(questions)
     return (metrics, all_scores) if return_scores else metrics
-
