@@ -18,48 +18,43 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from .io import default_mode, staging_dir
+from .io import default_mode, recover_interrupted_replace, replace_directory
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+CARD_FILE = "README.md"
 
 
 def save_adapter(peft_model, folder, **save_kwargs) -> Path:
-    """``peft_model.save_pretrained(folder)`` as one atomic replacement of the folder.
+    """``peft_model.save_pretrained(folder)`` as one atomic replacement of the folder (see ``io.replace_directory``).
 
-    The adapter is written to a staging folder beside the target (other files already in the target are copied in),
-    then the old folder is renamed away, the staging folder renamed into place, and the old one deleted. Config and
-    weights therefore always come from the same save; an interruption leaves the previous folder complete (at worst
-    under the name ``.NAME.old-*`` beside it).
+    Config and weights always come from the same save; an interruption leaves the previous folder complete, and the
+    next save or load puts it back if the kill came between the two renames. Every other file already in the folder
+    is kept, the user's model card (``README.md``) included, which wins over PEFT's blank template. Files get a plain
+    ``open()``'s permissions (safetensors alone writes 0600).
     """
     folder = Path(folder)
-    staging = staging_dir(folder, "new")
-    try:
+    with replace_directory(folder) as staging:
         peft_model.save_pretrained(staging, **save_kwargs)
-        for path in staging.rglob("*"):  # safetensors writes 0600 files; give them a plain open()'s permissions
+        for path in staging.rglob("*"):
             os.chmod(path, default_mode(directory=path.is_dir()))
-        if folder.exists():
-            for item in folder.iterdir():  # keep what else lives there (model card, head selection, ...)
-                if not (staging / item.name).exists():
-                    copy = shutil.copytree if item.is_dir() else shutil.copy2
-                    copy(item, staging / item.name)
-            backup = staging_dir(folder, "old")
-            os.replace(folder, backup / folder.name)
-            os.replace(staging, folder)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        for item in folder.iterdir() if folder.is_dir() else ():
+            if item.name == CARD_FILE or not (staging / item.name).exists():
+                copy = shutil.copytree if item.is_dir() else shutil.copy2
+                copy(item, staging / item.name)
     return folder
 
 
 def validate_adapter_folder(folder) -> dict:
-    """Check a LoFiT adapter folder without loading it into a model; return its config dict."""
+    """Check a LoFiT adapter folder without loading it into a model; return its config dict.
+
+    First restores the folder if a save was killed between its two renames (``io.recover_interrupted_replace``).
+    """
     from safetensors import SafetensorError, safe_open
 
     folder = Path(folder)
+    recover_interrupted_replace(folder)
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise ValueError(f"{config_path} not found: a LoFiT adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE}.")

@@ -305,13 +305,22 @@ def command_eval(args) -> None:
 
 def command_export(args) -> None:
     from .checkpoint import load_adapter, validate_adapter_folder
-    from .default_model import load_model_and_tokenizer
+    from .default_model import load_model_and_tokenizer, resolve_model_path
+    from .io import replace_directory
 
+    merged_folder = Path(args.merged)
+    if merged_folder.exists() and not merged_folder.is_dir():
+        raise ValueError(f"--merged {merged_folder} is a file; name a folder for the merged checkpoint.")
     validate_adapter_folder(args.adapter)
+    sources = {"--adapter": Path(args.adapter), "--model": Path(resolve_model_path(args.model))}
+    for flag, source in sources.items():
+        if source.exists() and merged_folder.resolve() == source.resolve():
+            raise ValueError(f"--merged {merged_folder} is the {flag} folder, which it would replace; name another one.")
     model, tokenizer = load_model_and_tokenizer(args.model)
     merged = load_adapter(model, args.adapter).merge_and_unload(safe_merge=True)
-    merged.save_pretrained(args.merged)
-    tokenizer.save_pretrained(args.merged)
+    with replace_directory(merged_folder) as staging:
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     print(
         f"Merged checkpoint written to {args.merged}; load it with AutoModelForCausalLM.from_pretrained (no plugin)."
     )

@@ -113,7 +113,9 @@ def resolve_model_path(name_or_path: Optional[str]) -> str:
     """``None`` or the default model's name -> the converted default checkpoint; anything else is passed through."""
     if is_default_model(name_or_path):
         return str(default_model_path())
-    return name_or_path
+    if name_or_path.startswith(("/", ".", "~")) and not Path(name_or_path).expanduser().exists():
+        raise FileNotFoundError(f"Model folder {name_or_path} not found; pass an existing folder or a Hub model id.")
+    return str(Path(name_or_path).expanduser()) if name_or_path.startswith("~") else name_or_path
 
 
 def default_device_and_dtype() -> tuple[torch.device, torch.dtype]:

@@ -1,6 +1,10 @@
-"""Atomic file writes: write a temporary file beside the target, then rename it into place.
+"""Atomic writes of files and folders: write beside the target, then rename into place.
 
-An interruption leaves either the old complete file or the new complete one, never half of one. Temporary files and
+An interruption leaves either the old complete file or folder or the new complete one, never half of one. A folder is
+replaced in two renames (old one away into ``.NAME.old-*``, new one from ``.NAME.new-*`` into place); a kill between
+them leaves no folder at the target, which ``recover_interrupted_replace`` (run by the next replace, and by LoFiT's
+adapter loaders) puts back, deleting stale temporaries. Two processes must not replace the same folder at once.
+Temporary files and
 folders get the permissions that ``open`` / ``mkdir`` (and so ``save_pretrained``) would give under the current umask,
 not ``tempfile``'s private 0600 / 0700, so what is renamed into place is readable by whoever could read a plain save.
 """
@@ -9,8 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def default_mode(directory: bool) -> int:
@@ -27,6 +34,43 @@ def staging_dir(target: Path, kind: str = "new") -> Path:
     path = Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-", dir=target.parent))
     os.chmod(path, default_mode(directory=True))
     return path
+
+
+def recover_interrupted_replace(target) -> None:
+    """Undo what an interrupted ``replace_directory`` left beside ``target``: put the previous folder back if the
+    target is missing, and delete every stale ``.NAME.new-*`` / ``.NAME.old-*`` folder."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    for backup in sorted(target.parent.glob(f".{target.name}.old-*")):
+        previous = backup / target.name
+        if not target.exists() and previous.exists():
+            os.replace(previous, target)
+        shutil.rmtree(backup, ignore_errors=True)
+    for staging in target.parent.glob(f".{target.name}.new-*"):
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def replace_directory(target) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``target``; when the block succeeds, it becomes ``target``.
+
+    The previous ``target`` (if any) stays whole until the new folder is complete; on an error it is untouched.
+    """
+    target = Path(target)
+    recover_interrupted_replace(target)
+    staging = staging_dir(target, "new")
+    try:
+        yield staging
+        if target.exists():
+            backup = staging_dir(target, "old")
+            os.replace(target, backup / target.name)
+            os.replace(staging, target)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> Path:

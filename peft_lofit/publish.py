@@ -11,10 +11,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import validate_adapter_folder
+from .checkpoint import CARD_FILE, validate_adapter_folder
 from .io import atomic_write_text
-
-CARD_FILE = "README.md"
 
 
 def _front_matter(base_model: Optional[str], task: Optional[str]) -> str:

@@ -7,12 +7,15 @@ import os
 import pickle
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import tiny_model, tiny_model_folder, tiny_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft import PeftModel, get_peft_model
@@ -20,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 import peft_lofit.io as lofit_io
-from peft_lofit import LoFiTConfig, LoFiTLayer
+from peft_lofit import LoFiTConfig, LoFiTLayer, cli
 from peft_lofit.checkpoint import load_adapter, save_adapter, validate_adapter_folder
 from peft_lofit.config import normalize_heads
 from peft_lofit.heads import HeadSelection
@@ -203,6 +206,83 @@ def test_interrupted_json_write_keeps_the_old_file(tmp_path, monkeypatch):
         HeadSelection(scores=[[5.0, 6.0]]).save(path)
     assert HeadSelection.load(path).scores == [[1.0, 2.0]]
     assert [p.name for p in tmp_path.iterdir()] == ["heads.json"]
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys, torch
+sys.path.insert(0, {tests!r})
+from conftest import tiny_model
+from peft import get_peft_model
+import peft.peft_model
+import peft_lofit.io as lofit_io
+from peft_lofit import cli
+from peft_lofit import LoFiTConfig
+from peft_lofit.checkpoint import save_adapter
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+real_replace = os.replace
+def replace_then_die(source, target):  # the old folder moved away, the new one not yet in place
+    real_replace(source, target)
+    die()
+
+if {where!r} == "between renames":
+    lofit_io.os.replace = replace_then_die
+else:
+    peft.peft_model.safe_save_file = die  # inside the writer
+model = get_peft_model(tiny_model("llama", seed=5), LoFiTConfig(heads={heads!r}, init_weights=False))
+save_adapter(model, {folder!r})
+"""
+
+
+@pytest.mark.parametrize("where", ["between renames", "inside the writer"])
+def test_save_killed_by_sigkill_is_recovered_by_the_next_load_and_save(adapter_dir, inputs, where):
+    folder, expected = adapter_dir
+    script = KILL_DURING_SAVE.format(tests=str(Path(__file__).parent), where=where, heads=HEADS, folder=str(folder))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    leftovers = sorted(p.name for p in folder.parent.iterdir() if p.name != "adapter")
+    assert leftovers and all(name.startswith((".adapter.old-", ".adapter.new-")) for name in leftovers)
+    assert folder.exists() == (where == "inside the writer")
+    model = load_adapter(tiny_model("llama"), folder)  # recovers: the previous adapter, whole
+    with torch.no_grad():
+        assert torch.equal(model(inputs).logits, expected)
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["adapter"]
+
+
+def test_stale_temporaries_are_cleaned_by_the_next_save(adapter_dir):
+    folder, _ = adapter_dir
+    (folder.parent / ".adapter.new-stale").mkdir()
+    save_adapter(get_peft_model(tiny_model("llama"), LoFiTConfig(heads=HEADS)), folder)
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["adapter"]
+
+
+def test_save_adapter_keeps_the_users_model_card_and_other_files(adapter_dir):
+    folder, _ = adapter_dir
+    (folder / "README.md").write_text("# My card\n")
+    (folder / "notes.txt").write_text("keep me")
+    save_adapter(get_peft_model(tiny_model("llama", seed=2), LoFiTConfig(heads=HEADS, init_weights=False)), folder)
+    assert (folder / "README.md").read_text() == "# My card\n" and (folder / "notes.txt").read_text() == "keep me"
+
+
+def test_export_refuses_a_file_or_the_base_model_folder_before_loading(tmp_path, adapter_dir, capsys):
+    folder, _ = adapter_dir
+    base = tiny_model_folder(tmp_path / "base")
+    weights = (base / "model.safetensors").read_bytes()
+    (tmp_path / "a_file").write_text("x")
+    for merged, message in ((tmp_path / "a_file", "is a file"), (base, "is the --model folder"),
+                            (folder, "is the --adapter folder")):
+        assert cli.main(["export", "--adapter", str(folder), "--model", str(base), "--merged", str(merged)]) == 2
+        assert message in capsys.readouterr().err
+    assert (base / "model.safetensors").read_bytes() == weights and (tmp_path / "a_file").read_text() == "x"
+    assert cli.main(["export", "--adapter", str(folder), "--model", str(base), "--merged", str(tmp_path / "m")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # renamed into place
+
+
+def test_missing_model_folder_says_so(capsys):
+    assert cli.main(["eval", "--model", "/nonexistent/model", "--limit", "1"]) == 2
+    assert "Model folder /nonexistent/model not found" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------- interrupted training
