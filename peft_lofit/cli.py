@@ -315,7 +315,9 @@ def command_export(args) -> None:
     sources = {"--adapter": Path(args.adapter), "--model": Path(resolve_model_path(args.model))}
     for flag, source in sources.items():
         if source.exists() and merged_folder.resolve() == source.resolve():
-            raise ValueError(f"--merged {merged_folder} is the {flag} folder, which it would replace; name another one.")
+            raise ValueError(
+                f"--merged {merged_folder} is the {flag} folder, which it would replace; name another one."
+            )
     model, tokenizer = load_model_and_tokenizer(args.model)
     merged = load_adapter(model, args.adapter).merge_and_unload(safe_merge=True)
     with replace_directory(merged_folder) as staging:

@@ -271,8 +271,11 @@ def test_export_refuses_a_file_or_the_base_model_folder_before_loading(tmp_path,
     base = tiny_model_folder(tmp_path / "base")
     weights = (base / "model.safetensors").read_bytes()
     (tmp_path / "a_file").write_text("x")
-    for merged, message in ((tmp_path / "a_file", "is a file"), (base, "is the --model folder"),
-                            (folder, "is the --adapter folder")):
+    for merged, message in (
+        (tmp_path / "a_file", "is a file"),
+        (base, "is the --model folder"),
+        (folder, "is the --adapter folder"),
+    ):
         assert cli.main(["export", "--adapter", str(folder), "--model", str(base), "--merged", str(merged)]) == 2
         assert message in capsys.readouterr().err
     assert (base / "model.safetensors").read_bytes() == weights and (tmp_path / "a_file").read_text() == "x"

@@ -163,12 +163,15 @@ def test_generation_eval_runs_batched():
 @pytest.mark.parametrize(
     "content, message",
     [
-        ('[{"query": "(\'a\', \'b\')", "target_text": "son"}]', "row 1: column 'clean_story' is missing"),
+        ('[{"query": "(\'a\', \'b\')", "target_text": "son"}]', "row 1: field 'clean_story' is missing"),
         (
             '[{"clean_story": "", "query": "(\'a\', \'b\')", "target_text": "son"}]',
-            "row 1: column 'clean_story' is empty",
+            "row 1: field 'clean_story' is empty",
         ),
-        ('[{"clean_story": "s", "query": "a and b", "target_text": "son"}]', "row 1: column 'query' is 'a and b'"),
+        (
+            '[{"clean_story": "s", "query": "a and b", "target_text": "son"}]',
+            "row 1: field 'query' must be a pair of names.*got 'a and b'",
+        ),
         ("[{", "not valid JSON"),
     ],
 )
@@ -183,7 +186,7 @@ def test_bad_csv_names_row_and_column(tmp_path):
     (tmp_path / "truthfulqa").mkdir()
     header = "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"
     (tmp_path / "truthfulqa" / "fold_0_train_seed_42.csv").write_text(header + "a,b,Q?,A,A,\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"row 2: column 'Incorrect Answers' is empty"):
+    with pytest.raises(ValueError, match=r"row 2: field 'Incorrect Answers' is empty"):
         truthfulqa.load_truthfulqa("train", data_dir=tmp_path)
     (tmp_path / "truthfulqa" / "fold_0_train_seed_42.csv").write_bytes(header.encode() + b"a,b,\xff\xfe,A,A,B\n")
     with pytest.raises(ValueError, match="is not UTF-8"):
@@ -197,5 +200,93 @@ def test_mquake_jsonl_line_error(tmp_path):
     with pytest.raises(ValueError, match="train.jsonl, line 2: not valid JSON"):
         mquake.load("train", data_dir=tmp_path)
     path.write_text(json.dumps({"a": 1}) + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="row 1: column 'requested_rewrite' is missing"):
+    with pytest.raises(ValueError, match="row 1: field 'requested_rewrite' is missing"):
         mquake.load("train", data_dir=tmp_path)
+
+
+MQUAKE_ROW = {
+    "requested_rewrite": [{"prompt": "The capital of {} is", "subject": "France", "target_new": {"str": "Rome"}}],
+    "questions": ["What is the capital of France?"],
+    "new_answer": "Rome",
+    "new_answer_alias": ["Roma"],
+}
+CLUTRR_ROW = {"clean_story": "[Ann] is [Bob]'s mother.", "query": "('Bob', 'Ann')", "target_text": "mother"}
+TRUTHFULQA_HEADER = "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"
+
+
+def write_rows(tmp_path, task, rows):
+    folder = tmp_path / task
+    folder.mkdir(exist_ok=True)
+    if task == "mquake":
+        (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    else:
+        (folder / "train.json").write_text(json.dumps(rows), encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "task, change, message",
+    [
+        ("mquake", {"new_answer_alias": "Paris"}, r"field 'new_answer_alias' must be a list of non-empty strings"),
+        ("mquake", {"questions": "Who is it?"}, r"field 'questions' must be a list of non-empty strings"),
+        ("mquake", {"new_answer": 3}, r"field 'new_answer' must be a string, got int 3"),
+        ("mquake", {"requested_rewrite": {"prompt": "x"}}, r"field 'requested_rewrite' must be a non-empty list"),
+        (
+            "mquake",
+            {"requested_rewrite": [{"prompt": "{x} is", "subject": "S", "target_new": {"str": "T"}}]},
+            r"field requested_rewrite\[0\]\.'prompt' must contain exactly one '\{\}'",
+        ),
+        (
+            "mquake",
+            {"requested_rewrite": [{"prompt": "{} is", "subject": "S", "target_new": "T"}]},
+            r"field requested_rewrite\[0\]\.'target_new' must be a JSON object",
+        ),
+        ("clutrr", {"query": "1"}, r"field 'query' must be a pair of names.*got '1'"),
+        ("clutrr", {"clean_story": 7}, r"field 'clean_story' must be a string, got int 7"),
+        ("clutrr", {"target_text": ["mother"]}, r"field 'target_text' must be a string"),
+    ],
+)
+def test_malformed_fields_name_file_row_and_field(tmp_path, task, change, message):
+    row = {**(MQUAKE_ROW if task == "mquake" else CLUTRR_ROW), **change}
+    write_rows(tmp_path, task, [MQUAKE_ROW if task == "mquake" else CLUTRR_ROW, row])
+    with pytest.raises(ValueError, match=r"train\.jsonl?, row 2: " + message):
+        get_task(task).training_rows("train", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("task", ["mquake", "clutrr"])
+@pytest.mark.parametrize("row", [["a", "list"], 3, "a string", None])
+def test_rows_that_are_not_objects(tmp_path, task, row):
+    write_rows(tmp_path, task, [row])
+    with pytest.raises(ValueError, match=r"row 1: expected a JSON object with the task's fields, got"):
+        get_task(task).training_rows("train", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("a,b,Q?,A,;  ; ,B,s", r"row 2: field 'Correct Answers' lists no answer"),
+        ("a,b,Q?,A,A,; ,s", r"row 2: field 'Incorrect Answers' lists no answer"),
+        ("a,b,  ,A,A,B,s", r"row 2: field 'Question' is empty"),
+        ("a,b,Q?", r"row 2: field 'Best Answer' is missing"),
+    ],
+)
+def test_malformed_truthfulqa_rows(tmp_path, line, message):
+    (tmp_path / "truthfulqa").mkdir()
+    (tmp_path / "truthfulqa" / "fold_0_train_seed_42.csv").write_text(
+        TRUTHFULQA_HEADER + line + "\n", encoding="utf-8"
+    )
+    with pytest.raises(ValueError, match=message):
+        truthfulqa.load_truthfulqa("train", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("task", ["truthfulqa", "mquake", "clutrr"])
+def test_an_empty_split_is_an_error(tmp_path, task):
+    if task == "truthfulqa":
+        (tmp_path / "truthfulqa").mkdir()
+        (tmp_path / "truthfulqa" / "fold_0_test_seed_42.csv").write_text(TRUTHFULQA_HEADER, encoding="utf-8")
+    else:
+        (tmp_path / task).mkdir()
+        (tmp_path / task / ("test.jsonl" if task == "mquake" else "test.json")).write_text(
+            "" if task == "mquake" else "[]", encoding="utf-8"
+        )
+    with pytest.raises(ValueError, match="has no rows; an empty split cannot be trained on or evaluated"):
+        get_task(task).evaluate(None, None, split="test", data_dir=tmp_path)

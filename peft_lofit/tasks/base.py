@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -36,39 +35,6 @@ def existing_file(path: Path, what: str) -> Path:
             f"peft_lofit/data)."
         )
     return path
-
-
-def require_fields(row: dict, fields: Iterable[str], path: Path, row_number: int) -> None:
-    """Raise a ValueError naming the file, the row and the column when a field is missing or empty."""
-    for name in fields:
-        value = row.get(name)
-        if value is None or (isinstance(value, (str, list)) and len(value) == 0):
-            state = "missing" if name not in row else "empty"
-            raise ValueError(f"{path}, row {row_number}: column {name!r} is {state}; every row needs it.")
-
-
-def read_json_rows(path: Path) -> list[dict]:
-    """Rows of a ``.json`` list or a ``.jsonl`` file, with the failing line named on a decoding error."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not UTF-8 text (byte {error.start}); re-save it as UTF-8.") from None
-    if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
-        return rows
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}).") from None
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of rows.")
-    return rows
 
 
 @dataclass

@@ -9,23 +9,22 @@ from __future__ import annotations
 
 import ast
 
-from .base import (
-    GenerationExample,
-    data_root,
-    evaluate_exact_match,
-    existing_file,
-    read_json_rows,
-    require_fields,
-    up_to_stop,
-)
+from .base import GenerationExample, data_root, evaluate_exact_match, existing_file, up_to_stop
+from .rows import read_json_rows
 
 NAME = "clutrr"
 OBJECTIVE = "sft"
 
 
 def persons(query: str) -> tuple[str, str]:
-    first, second = ast.literal_eval(query)
-    return first, second
+    """``"('Ann', 'Bob')"`` -> ``("Ann", "Bob")``; a ValueError for anything but a pair of names."""
+    try:
+        pair = ast.literal_eval(query)
+    except (ValueError, SyntaxError):
+        pair = None
+    if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(name, str) and name for name in pair)):
+        raise ValueError(f"must be a pair of names like \"('Ann', 'Bob')\"; got {query!r}.")
+    return pair
 
 
 def prompt(story: str, per1: str, per2: str) -> str:
@@ -40,20 +39,13 @@ def prompt(story: str, per1: str, per2: str) -> str:
 def load(split: str, data_dir=None) -> list[GenerationExample]:
     path = existing_file(data_root(data_dir) / "clutrr" / f"{split}.json", f"CLUTRR {split} split")
     examples = []
-    for number, row in enumerate(read_json_rows(path), start=1):
-        require_fields(row, ("clean_story", "query", "target_text"), path, number)
+    for row in read_json_rows(path):
+        story, target = row.text("clean_story").replace("[", "").replace("]", ""), row.text("target_text")
         try:
-            per1, per2 = persons(row["query"])
-        except (ValueError, SyntaxError):
-            raise ValueError(
-                f"{path}, row {number}: column 'query' is {row['query']!r}; expected a pair like \"('Ann', 'Bob')\"."
-            ) from None
-        story = row["clean_story"].replace("[", "").replace("]", "")
-        examples.append(
-            GenerationExample(
-                prompt=prompt(story, per1, per2), answers=[row["target_text"]], completion=row["target_text"]
-            )
-        )
+            per1, per2 = persons(row.text("query"))
+        except ValueError as error:
+            raise row.error("query", str(error)) from None
+        examples.append(GenerationExample(prompt=prompt(story, per1, per2), answers=[target], completion=target))
     return examples
 
 

@@ -6,15 +6,8 @@ greedy generation, first line, case-insensitive exact match against ``new_answer
 
 from __future__ import annotations
 
-from .base import (
-    GenerationExample,
-    data_root,
-    evaluate_exact_match,
-    existing_file,
-    first_line,
-    read_json_rows,
-    require_fields,
-)
+from .base import GenerationExample, data_root, evaluate_exact_match, existing_file, first_line
+from .rows import Row, read_json_rows
 
 NAME = "mquake"
 OBJECTIVE = "sft"
@@ -28,21 +21,40 @@ def prompt(row: dict) -> str:
     return f"Q: Imagine that {edited_fact(row['requested_rewrite'][0])}. {row['questions'][0]} A:"
 
 
+def _checked_row(row: Row) -> dict:
+    """The fields ``prompt`` reads, type-checked: the first rewrite, the first question, the answers."""
+    rewrite = row.first_child("requested_rewrite")
+    template = rewrite.text("prompt")
+    try:
+        filled = template.format("S")
+    except (KeyError, IndexError, ValueError):
+        filled = None
+    if template.count("{}") != 1 or filled is None:
+        raise rewrite.error(
+            "prompt", f"must contain exactly one '{{}}' for the subject and no other braces; got {template!r}."
+        )
+    checked_rewrite = {
+        "prompt": template,
+        "subject": rewrite.text("subject"),
+        "target_new": {"str": rewrite.child("target_new").text("str")},
+    }
+    return {
+        "requested_rewrite": [checked_rewrite],
+        "questions": row.texts("questions"),
+        "new_answer": row.text("new_answer"),
+        "new_answer_alias": row.texts("new_answer_alias", required=False),
+    }
+
+
 def load(split: str, data_dir=None) -> list[GenerationExample]:
     path = existing_file(data_root(data_dir) / "mquake" / f"{split}.jsonl", f"MQuAKE {split} split")
     examples = []
-    for number, row in enumerate(read_json_rows(path), start=1):
-        require_fields(row, ("requested_rewrite", "questions", "new_answer"), path, number)
-        rewrite = row["requested_rewrite"][0]
-        require_fields(rewrite, ("prompt", "subject", "target_new"), path, number)
-        require_fields(rewrite["target_new"], ("str",), path, number)
-        if rewrite["prompt"].count("{}") != 1:
-            raise ValueError(
-                f"{path}, row {number}: requested_rewrite[0].prompt must contain exactly one '{{}}' for the subject; "
-                f"got {rewrite['prompt']!r}."
-            )
-        answers = [row["new_answer"], *row.get("new_answer_alias", [])]
-        examples.append(GenerationExample(prompt=prompt(row), answers=answers, completion=" " + row["new_answer"]))
+    for row in read_json_rows(path):
+        fields = _checked_row(row)
+        answers = [fields["new_answer"], *fields["new_answer_alias"]]
+        examples.append(
+            GenerationExample(prompt=prompt(fields), answers=answers, completion=" " + fields["new_answer"])
+        )
     return examples
 
 

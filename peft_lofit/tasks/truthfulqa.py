@@ -11,7 +11,6 @@ every question, so its key/value cache is computed once and every answer of a qu
 from __future__ import annotations
 
 import copy
-import csv
 import inspect
 import math
 from dataclasses import dataclass
@@ -21,9 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..distributed import is_main_process
-from .base import data_root, existing_file, require_fields
-
-COLUMNS = ("Question", "Best Answer", "Correct Answers", "Incorrect Answers")
+from .base import data_root, existing_file
+from .rows import read_csv_rows
 
 
 @dataclass
@@ -41,21 +39,16 @@ def split_path(split: str, fold: int = 0, seed: int = 42, data_dir=None) -> Path
 def load_truthfulqa(split: str, fold: int = 0, seed: int = 42, data_dir=None) -> list[TruthfulQAQuestion]:
     """Questions of ``fold_{fold}_{split}_seed_{seed}.csv``; the answer lists are ``; ``-separated."""
     path = existing_file(split_path(split, fold, seed, data_dir), f"TruthfulQA fold {fold} {split} split")
-    try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not UTF-8 text (byte {error.start}); re-save it as UTF-8.") from None
     questions = []
-    for number, row in enumerate(rows, start=2):  # line 1 is the header
-        require_fields(row, COLUMNS, path, number)
+    for row in read_csv_rows(path):
+        question, best_answer = row.text("Question").strip(), row.text("Best Answer").strip()
+        answers = {}
+        for column in ("Correct Answers", "Incorrect Answers"):
+            answers[column] = split_answers(row.text(column))
+            if not answers[column]:
+                raise row.error(column, f"lists no answer (answers are '; '-separated); got {row.text(column)!r}.")
         questions.append(
-            TruthfulQAQuestion(
-                question=row["Question"].strip(),
-                best_answer=row["Best Answer"].strip(),
-                correct=split_answers(row["Correct Answers"]),
-                incorrect=split_answers(row["Incorrect Answers"]),
-            )
+            TruthfulQAQuestion(question, best_answer, answers["Correct Answers"], answers["Incorrect Answers"])
         )
     return questions
 
