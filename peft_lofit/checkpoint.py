@@ -121,6 +121,9 @@ def hotswap_adapter(peft_model, folder, adapter_name: str = "default") -> None:
                 "Hot-swapping needs identical heads and vectors; load it with load_adapter(..., adapter_name=...)."
             )
     tensors = load_file(Path(folder) / WEIGHTS_FILE)
+    broken = sorted(key for key, value in tensors.items() if not torch.isfinite(value).all())
+    if broken:
+        raise ValueError(f"Cannot hot-swap: tensors {broken} in {folder} hold NaN or inf values.")
     parameters = dict(peft_model.named_parameters())
     targets = {}
     for key, value in tensors.items():

@@ -161,19 +161,32 @@ class LoFiTModel(BaseTuner):
     # -------------------------------------------------------------------------------------------------- loading
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Check every tensor's shape against the model first, so a mismatch names the parameter and both shapes."""
+        """Check the checkpoint against the model before anything is loaded, so that a file that does not match its
+        config is an error naming the tensors, not different outputs: every tensor must have a place in the model
+        (a scaling tensor under ``use_scaling=False`` has none), the shape of that place, a float dtype and finite
+        values."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        expected = dict(model.named_parameters())
+        expected = {**dict(model.named_parameters()), **model.state_dict()}
+        unknown = sorted(key for key in remapped if key not in expected)
+        if unknown:
+            raise ValueError(
+                f"The adapter checkpoint has tensors this model and adapter config have no place for: {unknown[:4]}"
+                f"{' ...' if len(unknown) > 4 else ''}. The weights file does not match adapter_config.json (e.g. "
+                "scaling tensors with use_scaling=false), or was written for another model."
+            )
         for key, tensor in remapped.items():
-            if key in expected and expected[key].shape != tensor.shape:
+            if expected[key].shape != tensor.shape:
                 raise ValueError(
                     f"Adapter tensor {key} has shape {tuple(tensor.shape)} in the checkpoint but "
                     f"{tuple(expected[key].shape)} in this model (selected heads x head_dim). The adapter was trained "
                     "for a model with a different head geometry or head list; load it onto the base model it was "
                     "trained with."
                 )
-            if key in expected and not tensor.is_floating_point():
+            if not tensor.is_floating_point():
                 raise ValueError(f"Adapter tensor {key} has dtype {tensor.dtype}; LoFiT vectors are floating point.")
+        broken = sorted(key for key, tensor in remapped.items() if not torch.isfinite(tensor).all())
+        if broken:
+            raise ValueError(f"Adapter tensors {broken} hold NaN or inf values; the adapter file is broken.")
         return remapped
 
     def delete_adapter(self, adapter_name: str) -> None:

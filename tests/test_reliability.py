@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 
 import peft_lofit.io as lofit_io
 from peft_lofit import LoFiTConfig, LoFiTLayer, cli
-from peft_lofit.checkpoint import load_adapter, save_adapter, validate_adapter_folder
+from peft_lofit.checkpoint import hotswap_adapter, load_adapter, save_adapter, validate_adapter_folder
 from peft_lofit.config import normalize_heads
 from peft_lofit.heads import HeadSelection
 from peft_lofit.training import TrainSettings, train_adapter
@@ -154,6 +154,41 @@ def test_adapter_for_another_architecture(adapter_dir):
     folder, _ = adapter_dir
     with pytest.raises(ValueError, match="matched no module of the model"):
         PeftModel.from_pretrained(tiny_model("gpt2"), folder)
+
+
+def rewrite_weights(folder, change):
+    weights = folder / "adapter_model.safetensors"
+    save_file(change(load_file(weights)), weights)
+
+
+def with_scaling(tensors):
+    return {**tensors, **{k.replace("lofit_offset", "lofit_scaling"): v.clone() for k, v in tensors.items()}}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (with_scaling, r"no place for: \['base_model.model.model.layers.0.self_attn.o_proj.lofit_scaling'"),
+        (lambda t: {**t, "base_model.model.extra.weight": torch.ones(2)}, r"no place for: \['base_model.model.extra"),
+        (lambda t: {k: v.fill_(float("nan")) for k, v in t.items()}, r"hold NaN or inf values"),
+        (lambda t: {k: v.fill_(float("inf")) for k, v in t.items()}, r"hold NaN or inf values"),
+    ],
+    ids=["scalings-under-use_scaling-false", "unknown-tensor", "nan", "inf"],
+)
+@pytest.mark.parametrize("loader", ["PeftModel.from_pretrained", "load_adapter", "hotswap_adapter"])
+def test_weights_that_do_not_match_their_config_are_refused(adapter_dir, change, message, loader):
+    folder, _ = adapter_dir
+    rewrite_weights(folder, change)
+    if loader == "PeftModel.from_pretrained":
+        with pytest.raises(ValueError, match=message):
+            PeftModel.from_pretrained(tiny_model("llama"), folder)
+    elif loader == "load_adapter":
+        with pytest.raises(ValueError, match=message):
+            load_adapter(tiny_model("llama"), folder)
+    else:
+        model = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=HEADS))
+        with pytest.raises(ValueError, match="Cannot hot-swap"):
+            hotswap_adapter(model, folder)
 
 
 class Payload:
