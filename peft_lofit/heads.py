@@ -23,11 +23,22 @@ class HeadSelection:
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if not self.scores or not all(self.scores):
-            raise ValueError("HeadSelection needs a non-empty score for every layer and head.")
+        if not isinstance(self.scores, list) or not self.scores:
+            raise ValueError(f"HeadSelection scores must be a non-empty list of layers, got {self.scores!r:.80}.")
+        for layer, row in enumerate(self.scores):
+            if not isinstance(row, list) or not row:
+                raise ValueError(
+                    f"HeadSelection scores[{layer}] is {row!r:.80}; each layer must be a non-empty list of head scores "
+                    "(scores[layer][head])."
+                )
+        if len({len(row) for row in self.scores}) > 1:
+            raise ValueError(
+                f"HeadSelection layers have different numbers of heads ({[len(row) for row in self.scores]}); every "
+                "layer of a decoder has the same number of attention heads."
+            )
         for layer, row in enumerate(self.scores):
             for head, value in enumerate(row):
-                if not isinstance(value, (int, float)) or not math.isfinite(value):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                     raise ValueError(
                         f"HeadSelection score [{layer}][{head}] is {value!r}; scores must be finite numbers (an "
                         "infinite or NaN score means the localization diverged: lower its learning rate)."
@@ -71,7 +82,10 @@ class HeadSelection:
             raise ValueError(f"{path} is not a head-selection JSON file ({error.msg}).") from None
         if not isinstance(payload, dict) or "scores" not in payload:
             raise ValueError(f"{path} has no 'scores'; it was not written by HeadSelection.save().")
-        return cls(scores=payload["scores"], metadata=payload.get("metadata", {}))
+        try:
+            return cls(scores=payload["scores"], metadata=payload.get("metadata", {}))
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
 
     def heatmap(self, path, title: Optional[str] = None, k: Optional[int] = None) -> Path:
         """Layer x head heatmap of the scores as a PNG; the top ``k`` heads are outlined."""

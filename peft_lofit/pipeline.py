@@ -88,9 +88,11 @@ class PipelineSettings:
 
 
 def select_heads(settings: PipelineSettings, model, tokenizer, rows, output: Path, timings: dict):
-    """The K heads for step 2 and the selection they came from (None for random heads)."""
+    """The K heads for step 2 and the selection they came from (None for random heads); K and a head-selection file
+    are checked against the model first."""
+    per_layer = heads_per_layer(model)
+    check_heads_fit(settings, per_layer)
     if settings.heads == "random":
-        per_layer = heads_per_layer(model)
         k = settings.k or max(1, round(settings.fraction * sum(per_layer)))
         return random_heads(per_layer, k, seed=settings.seed), None
     if settings.heads == "learned":
@@ -154,7 +156,6 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
     # the id the card names: the loaded model's own path says more than settings.model for a model passed in
     name_or_path = getattr(model, "name_or_path", "")
     hub_id, weights_source = describe_base_model(name_or_path) if name_or_path else (None, None)
-    check_heads_fit(settings, heads_per_layer(model))
     for step, name in ((settings.localize, "localize"), (settings.train, "train")):
         step.output_dir = str(output / "checkpoints" / name)
         step.seed = settings.seed

@@ -487,3 +487,25 @@ def test_saving_over_an_adapter_keeps_other_files_and_never_mixes_saves(adapter_
         save_adapter(third, folder)
     backups = [p for p in folder.parent.iterdir() if p.name.startswith(".adapter.old-")]
     assert len(backups) == 1 and validate_adapter_folder(backups[0] / "adapter")["heads"] == [[0, 2]]  # intact
+
+
+@pytest.mark.parametrize(
+    "scores, message",
+    [
+        ([[0.5] * 8] * 3, r"scores 3 layers x 8 heads, but the model has 2 layers x 4 heads"),
+        ([[0.5] * 4, [0.5] * 3], r"layers have different numbers of heads \(\[4, 3\]\)"),
+        ([1, 2, 3], r"scores\[0\] is 1; each layer must be a non-empty list of head scores"),
+        ("abc", r"scores must be a non-empty list of layers"),
+        ([[0.5, True, 0.1, 0.2]] * 2, r"score \[0\]\[1\] is True"),
+    ],
+)
+@pytest.mark.parametrize("command", ["train", "run"])
+def test_every_command_checks_a_head_selection_against_the_model(tmp_path, capsys, scores, message, command):
+    selection = tmp_path / "heads.json"
+    selection.write_text(json.dumps({"format_version": 1, "scores": scores}))
+    model = tiny_model_folder(tmp_path / "model")
+    arguments = [command, "--model", str(model), "--heads", str(selection), "--train-limit", "2", "--epochs", "1"]
+    assert cli.main(arguments + ["--output", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # earlier lines: progress bars
+    assert error.startswith("lofit: error: ") and re.search(message, error), error
+    assert not (tmp_path / "out" / "adapter").exists()
