@@ -94,9 +94,12 @@ def validate_adapter_folder(folder) -> dict:
 
 
 def load_adapter(model, folder, adapter_name: str = "default", **kwargs) -> PeftModel:
-    """Validate ``folder`` and load it onto ``model`` with ``PeftModel.from_pretrained``."""
+    """Validate ``folder`` and load it onto ``model`` with ``PeftModel.from_pretrained``; every error names it."""
     validate_adapter_folder(folder)
-    return PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, **kwargs)
+    try:
+        return PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, **kwargs)
+    except ValueError as error:
+        raise ValueError(f"{folder}: {error}") from error
 
 
 def hotswap_adapter(peft_model, folder, adapter_name: str = "default") -> None:

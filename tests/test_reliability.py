@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -27,6 +28,7 @@ from peft_lofit import LoFiTConfig, LoFiTLayer, cli
 from peft_lofit.checkpoint import hotswap_adapter, load_adapter, save_adapter, validate_adapter_folder
 from peft_lofit.config import normalize_heads
 from peft_lofit.heads import HeadSelection
+from peft_lofit.tasks import get_task
 from peft_lofit.training import TrainSettings, train_adapter
 
 FIXTURES = Path(__file__).parent / "fixtures" / "configs"
@@ -509,3 +511,112 @@ def test_every_command_checks_a_head_selection_against_the_model(tmp_path, capsy
     error = capsys.readouterr().err.strip().splitlines()[-1]  # earlier lines: progress bars
     assert error.startswith("lofit: error: ") and re.search(message, error), error
     assert not (tmp_path / "out" / "adapter").exists()
+
+
+# ------------------------------------------------------------------------ property-based catalogue of bad inputs
+CONFIG_VALUES = {
+    "heads": st.one_of(st.none(), st.just([]), pairs, st.text(max_size=3), st.lists(st.integers(-2, 3), max_size=3)),
+    "use_scaling": st.one_of(st.booleans(), st.integers(0, 2), st.text(max_size=2), st.none()),
+    "use_offset": st.one_of(st.booleans(), st.integers(0, 2), st.text(max_size=2), st.none()),
+    "init_weights": st.one_of(st.booleans(), st.sampled_from(["normal", "xavier", 1, 0.0, None])),
+    "init_std": st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2, 2), st.text(max_size=2)),
+    "num_heads": st.one_of(st.none(), st.integers(-1, 5), st.floats(0, 3), st.booleans()),
+    "head_dim": st.one_of(st.none(), st.integers(-1, 9), st.text(max_size=2)),
+}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.fixed_dictionaries({}, optional=CONFIG_VALUES))
+def test_random_configs_build_or_raise_a_value_error(values):
+    """Documented outcome only: a config whose fields have their documented types, or a ValueError naming one."""
+    try:
+        config = LoFiTConfig(**values)
+    except ValueError as error:
+        named_field = re.search(r"`(%s)[`\[]" % "|".join(CONFIG_VALUES), str(error))
+        assert named_field or "nothing to learn" in str(error) or "lists [layer" in str(error), error
+        return
+    assert isinstance(config.use_scaling, bool) and isinstance(config.use_offset, bool)
+    assert config.init_weights in (True, False, "normal") and type(config.init_weights) in (bool, str)
+    assert math.isfinite(config.init_std) and config.init_std > 0
+    assert config.heads is None or normalize_heads(config.heads) == config.heads
+
+
+def corrupt(folder: Path, kind: str, position: int, byte: int) -> None:
+    weights = folder / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    if kind == "truncate":
+        weights.write_bytes(bytes(data[: position % len(data)]))
+    elif kind == "flip header byte":
+        data[8 + position % (header_end - 8)] ^= byte or 1
+        weights.write_bytes(bytes(data))
+    elif kind == "wrong dtype":
+        save_file(
+            {k: v.to(torch.float16 if byte % 2 else torch.int64) for k, v in load_file(weights).items()}, weights
+        )
+    elif kind == "missing file":
+        (folder / ("adapter_model.safetensors" if byte % 2 else "adapter_config.json")).unlink()
+    elif kind == "extra file":
+        (folder / "adapter_model.bin").write_bytes(bytes(data[: position % 64]))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    kind=st.sampled_from(["truncate", "flip header byte", "wrong dtype", "missing file", "extra file"]),
+    position=st.integers(0, 10_000),
+    byte=st.integers(0, 255),
+)
+def test_corrupted_adapter_folders_load_correctly_or_say_why(
+    adapter_dir, tmp_path_factory, inputs, kind, position, byte
+):
+    source, expected = adapter_dir
+    folder = tmp_path_factory.mktemp("corrupt") / "adapter"
+    shutil.copytree(source, folder)
+    corrupt(folder, kind, position, byte)
+    try:
+        model = load_adapter(tiny_model("llama"), folder)
+    except ValueError as error:
+        assert str(folder) in str(error) or "Adapter tensor" in str(error), error
+        return
+    with torch.no_grad():  # it loaded: then it must be the adapter that was saved, not something else
+        assert torch.equal(model(inputs).logits, expected) or kind == "wrong dtype"
+
+
+JSON_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.text(max_size=6)),
+    lambda children: st.one_of(
+        st.lists(children, max_size=3), st.dictionaries(st.text(max_size=4), children, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    task=st.sampled_from(["mquake", "clutrr"]),
+    field_name=st.sampled_from(
+        ["requested_rewrite", "questions", "new_answer", "new_answer_alias", "clean_story", "query", "target_text"]
+    ),
+    value=JSON_VALUES,
+)
+def test_malformed_data_rows_load_or_name_the_field(tmp_path_factory, task, field_name, value):
+    good = {
+        "mquake": {
+            "requested_rewrite": [{"prompt": "{} is", "subject": "S", "target_new": {"str": "T"}}],
+            "questions": ["Q?"],
+            "new_answer": "A",
+            "new_answer_alias": ["B"],
+        },
+        "clutrr": {"clean_story": "[A] is [B]'s son.", "query": "('B', 'A')", "target_text": "son"},
+    }[task]
+    row = {**good, field_name: value}
+    folder = tmp_path_factory.mktemp("data")
+    (folder / task).mkdir()
+    name = "train.jsonl" if task == "mquake" else "train.json"
+    (folder / task / name).write_text(json.dumps(row) + "\n" if task == "mquake" else json.dumps([row]))
+    try:
+        rows = get_task(task).training_rows("train", data_dir=folder)
+    except ValueError as error:
+        assert f"{name}, row 1: field" in str(error), error
+        return
+    assert len(rows) == 1 and all(isinstance(text, str) and text for text in rows[0].values())
