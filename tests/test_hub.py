@@ -18,7 +18,16 @@ from peft_lofit.publish import model_card
 from peft_lofit.training import TrainSettings
 
 REPO = "someone/tiny-lofit"
-BASE_ID = "someone/tiny-llama"  # a model built in memory has no Hub id of its own: the run is told it
+BASE_ID = "someone/tiny-llama"
+# what `lofit run` puts in the adapter folder, which `lofit push` uploads
+HUB_FILES = {
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "head_selection.json",
+    "head_selection.png",
+    "metrics.json",
+    "README.md",
+}  # a model built in memory has no Hub id of its own: the run is told it
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +49,7 @@ def run_folder(tmp_path_factory):
 def test_adapter_folder_is_a_complete_hub_repository(run_folder):
     output, results = run_folder
     files = {p.name for p in (output / "adapter").iterdir()}
-    assert {
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "head_selection.json",
-        "head_selection.png",
-        "metrics.json",
-        "README.md",
-    } <= files
+    assert HUB_FILES <= files
     card = (output / "adapter" / "README.md").read_text()
     front = card.split("---")[1]
     assert "library_name: peft" in front and "- lofit" in front and "- truthfulqa" in front
@@ -86,14 +88,7 @@ def test_push_uploads_adapter_heads_and_card(run_folder, monkeypatch, capsys):
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
     assert cli.main(["push", str(output / "adapter"), "--repo-id", REPO, "--private"]) == 0
     assert calls["repo"] == (REPO, True)
-    assert {
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "head_selection.json",
-        "head_selection.png",
-        "metrics.json",
-        "README.md",
-    } <= set(calls["files"])
+    assert HUB_FILES <= set(calls["files"])
     card = (output / "adapter" / "README.md").read_text()
     assert f"PeftModel.from_pretrained(base, {REPO!r})" in card
     metadata = ModelCard(card).data.to_dict()
