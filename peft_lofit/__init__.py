@@ -2,18 +2,13 @@
 
 ``import peft_lofit`` registers LoFiT with PEFT, after which ``get_peft_model(model, LoFiTConfig(...))``,
 ``PeftModel.from_pretrained`` and ``AutoPeftModelForCausalLM.from_pretrained`` work as for LoRA.
+
+Layout: ``peft_lofit.tuner`` is the PEFT method itself (it imports nothing from the rest); ``localize``,
+``training`` and ``frozen_prefix`` train it; ``tasks``, ``pipeline``, ``cli``, ``default_model`` and ``publish`` are
+the application on top; ``baselines`` holds the ITI / RepE comparisons.
 """
 
-from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-from peft.utils import register_peft_method
-
-from ._peft_type import ensure_lofit_peft_type
-from ._version import __version__
-from .config import LoFiTConfig
-from .layer import LoFiTLayer
-from .model import LoFiTModel
+from .tuner import LoFiTConfig, LoFiTLayer, LoFiTModel
+from .tuner._version import __version__
 
 __all__ = ["LoFiTConfig", "LoFiTLayer", "LoFiTModel", "__version__"]
-
-if ensure_lofit_peft_type() not in PEFT_TYPE_TO_TUNER_MAPPING:
-    register_peft_method(name="lofit", config_cls=LoFiTConfig, model_cls=LoFiTModel, prefix="lofit_")

@@ -22,10 +22,10 @@ from peft import get_peft_model
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from .config import LoFiTConfig
 from .heads import HeadSelection
-from .layer import LoFiTLayer
-from .model import find_projections
+from .tuner.config import LoFiTConfig
+from .tuner.layer import LoFiTLayer
+from .tuner.model import find_projections
 
 
 # --------------------------------------------------------------------------------------------------- activations

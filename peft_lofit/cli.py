@@ -7,7 +7,8 @@
     lofit export     merge an adapter into the base model and save a plain transformers checkpoint
     lofit push       upload an adapter folder to the Hugging Face Hub with a model card
 
-Errors are reported as one line (``lofit: error: ...``) with exit status 2. ``localize``, ``train``, ``run`` and
+Expected errors (bad input, missing files) are reported as one line (``lofit: error: ...``) with exit status 2;
+``lofit --debug ...`` shows their traceback. Anything else is a bug and shows its traceback. ``localize``, ``train``, ``run`` and
 ``eval`` also run under ``torchrun`` / ``accelerate launch`` (DDP): every process trains, the main process writes.
 """
 
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lofit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{run,localize,train,eval,export,push}")
 
     run = commands.add_parser("run", help="the whole pipeline", description="Localize, train, evaluate and save.")
@@ -253,11 +255,11 @@ def command_localize(args) -> None:
 
 def command_train(args) -> None:
     from .checkpoint import save_adapter
-    from .config import LoFiTConfig
     from .default_model import load_model_and_tokenizer
     from .pipeline import select_heads
     from .tasks import get_task
     from .training import train_adapter
+    from .tuner import LoFiTConfig
 
     if args.heads == "learned":
         raise ValueError("lofit train needs --heads FILE.json (written by `lofit localize`) or --heads random.")
@@ -345,15 +347,9 @@ COMMANDS = {
 }
 
 
-EXPECTED_ERRORS = (
-    MissingExtraError,
-    ValueError,
-    KeyError,
-    RuntimeError,
-    FileNotFoundError,
-    FloatingPointError,
-    OSError,
-)
+# What bad input, a missing file or extra, an unreachable model or a diverged run raise: reported in one line. Anything
+# else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (MissingExtraError, ValueError, OSError, FloatingPointError)
 
 
 def main(argv=None) -> int:
@@ -367,6 +363,8 @@ def main(argv=None) -> int:
         COMMANDS[args.command](args)
         finish()
     except EXPECTED_ERRORS as error:
+        if args.debug:
+            raise
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"lofit: error: {message}", file=sys.stderr)
         return 2

@@ -15,11 +15,11 @@ from typing import Optional
 import torch
 from peft import PeftModel
 
-from .architectures import layer_index
-from .config import LoFiTConfig
 from .heads import HeadSelection
-from .layer import LoFiTLayer
 from .training import TrainSettings, train_adapter
+from .tuner.architectures import layer_index
+from .tuner.config import LoFiTConfig
+from .tuner.layer import LoFiTLayer
 
 # The paper's localization hyperparameters for Llama-2-7B (TruthfulQA).
 DEFAULT_LOCALIZE_SETTINGS = dict(learning_rate=5e-3, l1_lambda=5e-4)

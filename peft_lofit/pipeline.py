@@ -17,16 +17,16 @@ from typing import Optional
 import torch
 
 from .checkpoint import save_adapter
-from .config import LoFiTConfig
 from .default_model import DEFAULT_MODEL, describe_base_model, load_model_and_tokenizer
 from .distributed import barrier, is_main_process
 from .heads import HeadSelection, random_heads
 from .io import atomic_write_json
 from .localize import localize
-from .model import find_projections
 from .publish import write_model_card
 from .tasks import get_task
 from .training import TrainSettings, train_adapter
+from .tuner import LoFiTConfig
+from .tuner.model import find_projections
 
 HEAD_CHOICES = ("learned", "random")
 L1_SEARCH_SPLIT = "val"  # the held-out split --l1-search chooses on

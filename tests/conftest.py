@@ -76,7 +76,7 @@ def inputs():
 
 def projection_of(model, layer: int):
     """The (unwrapped) attention output projection of ``layer``."""
-    from peft_lofit.architectures import default_target_modules, layer_index
+    from peft_lofit.tuner.architectures import default_target_modules, layer_index
 
     suffix = default_target_modules(model.config.model_type)[0]
     for name, module in model.named_modules():

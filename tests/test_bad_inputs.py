@@ -159,3 +159,16 @@ def test_second_adapter_with_other_geometry():
     with pytest.raises(ValueError, match=r"splits model.layers.0.self_attn.o_proj into 2 heads x 16.*4 heads x 8"):
         model.add_adapter("wide", LoFiTConfig(heads=[[0, 1]], num_heads=2))
     assert set(model.base_model.model.model.layers[0].self_attn.o_proj.lofit_head_index) == {"default"}
+
+
+def test_cli_reports_expected_errors_in_one_line_and_bugs_with_a_traceback(monkeypatch, capsys):
+    from peft_lofit import cli
+
+    monkeypatch.setitem(cli.COMMANDS, "eval", lambda args: (_ for _ in ()).throw(ValueError("bad input\nmore")))
+    assert cli.main(["eval"]) == 2
+    assert capsys.readouterr().err == "lofit: error: bad input\n"
+    with pytest.raises(ValueError, match="bad input"):
+        cli.main(["--debug", "eval"])
+    monkeypatch.setitem(cli.COMMANDS, "eval", lambda args: {}["mc2"])
+    with pytest.raises(KeyError, match="mc2"):  # a bug: not disguised as `lofit: error: 'mc2'`
+        cli.main(["eval"])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -74,22 +76,12 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path):
 
 
 def test_the_wheel_ships_every_data_file(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(ROOT),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    source = tmp_path / "source"  # a copy: building in place would leave build/ in the working tree
+    shutil.copytree(ROOT / "peft_lofit", source / "peft_lofit", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    command = ["pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)]
+    result = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     (wheel,) = tmp_path.glob("peft_lofit-*.whl")
     shipped = {name for name in zipfile.ZipFile(wheel).namelist() if "/data/" in name}
@@ -123,3 +115,26 @@ def test_written_files_are_readable_like_a_plain_save(tmp_path, umask_022):
     }
     assert mode(atomic_write_json(tmp_path / "metrics.json", {"a": 1})) == 0o644
     assert mode(HeadSelection(scores=[[0.1, 0.2]]).save(tmp_path / "heads.json")) == 0o644
+
+
+def test_the_tuner_imports_nothing_from_the_rest_of_the_package():
+    """peft_lofit.tuner is the PEFT method alone: its modules import each other and third-party packages only."""
+    tuner = Path(peft_lofit.__file__).parent / "tuner"
+    outside = []
+    for path in sorted(tuner.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.level > 1 or (node.module or "").startswith("peft_lofit")):
+                outside.append(f"{path.name}: from {'.' * node.level}{node.module or ''} import ...")
+            if isinstance(node, ast.Import):
+                outside += [
+                    f"{path.name}: import {alias.name}" for alias in node.names if alias.name.startswith("peft_lofit")
+                ]
+    assert outside == []
+    assert {path.stem for path in tuner.glob("*.py")} >= {
+        "config",
+        "layer",
+        "model",
+        "architectures",
+        "merging",
+        "compat",
+    }

@@ -26,10 +26,10 @@ from transformers import TrainerCallback
 import peft_lofit.io as lofit_io
 from peft_lofit import LoFiTConfig, LoFiTLayer, cli
 from peft_lofit.checkpoint import hotswap_adapter, load_adapter, save_adapter, validate_adapter_folder
-from peft_lofit.config import normalize_heads
 from peft_lofit.heads import HeadSelection
 from peft_lofit.tasks import get_task
 from peft_lofit.training import TrainSettings, train_adapter
+from peft_lofit.tuner.config import normalize_heads
 
 FIXTURES = Path(__file__).parent / "fixtures" / "configs"
 HEADS = [[0, 1], [1, 3]]

@@ -23,7 +23,7 @@ def hand_set_vectors(model, heads=HEADS, adapter="default", seed=3):
     for name, module in model.named_modules():
         if not isinstance(module, LoFiTLayer) or adapter not in module.lofit_head_index:
             continue
-        from peft_lofit.architectures import layer_index
+        from peft_lofit.tuner.architectures import layer_index
 
         layer = layer_index(name)
         with torch.no_grad():
@@ -311,7 +311,7 @@ def test_merge_and_unload_after_merge_adapter_checks_bias_first():
 
 
 def test_parameter_subclass_weights_count_as_quantized():
-    from peft_lofit.layer import has_plain_weight
+    from peft_lofit.tuner.layer import has_plain_weight
 
     class Params4bit(torch.nn.Parameter):  # what bitsandbytes stores
         pass
