@@ -201,6 +201,7 @@ def _settings(args):
         task=args.task,
         model=args.model,
         base_model_id=getattr(args, "base_model_id", None),
+        cache_base_metrics=not getattr(args, "no_metrics_cache", False),
         data_dir=args.data_dir,
         fold=args.fold,
         k=getattr(args, "k", None),

@@ -22,6 +22,7 @@ from .distributed import barrier, is_main_process
 from .heads import HeadSelection, random_heads
 from .io import atomic_write_json
 from .localize import localize
+from .metrics_cache import cached_evaluation, metrics_cache_root
 from .publish import write_model_card
 from .tasks import get_task
 from .training import TrainSettings, train_adapter
@@ -52,6 +53,7 @@ class PipelineSettings:
     eval_split: str = "test"
     eval_limit: Optional[int] = None
     eval_batch_size: int = 16
+    cache_base_metrics: bool = True  # reuse the base model's metrics from disk when model, data and settings match
     output_dir: str = "lofit_runs/run"
     seed: int = 42
 
@@ -130,6 +132,24 @@ def heads_per_layer(model) -> list[int]:
     return [projections[layer][1].num_heads for layer in sorted(projections)]
 
 
+def evaluate_base(settings: PipelineSettings, task, model, tokenizer, evaluation: dict) -> tuple[dict, bool]:
+    """The base model's metrics and whether they came from the on-disk cache (``metrics_cache``)."""
+
+    def evaluate() -> dict:
+        return task.evaluate(model, tokenizer, batch_size=settings.eval_batch_size, desc="base model", **evaluation)
+
+    if not settings.cache_base_metrics:
+        return evaluate(), False
+    key_settings = {**evaluation, "batch_size": settings.eval_batch_size}
+    metrics, reused = cached_evaluation(model, task, key_settings, evaluate, write=is_main_process())
+    if reused and is_main_process():
+        print(
+            f"Base model metrics on {settings.task} {settings.eval_split} reused from the cache "
+            f"({metrics_cache_root()}); pass --no-metrics-cache to evaluate again."
+        )
+    return metrics, reused
+
+
 def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict:
     """Run LoFiT end to end and write ``adapter/``, ``head_selection.json`` (+ PNG) and ``metrics.json``.
 
@@ -165,9 +185,7 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
         split=settings.eval_split, data_dir=settings.data_dir, fold=settings.fold, limit=settings.eval_limit
     )
     start = time.perf_counter()
-    base_metrics = task.evaluate(
-        model, tokenizer, batch_size=settings.eval_batch_size, desc="base model", **evaluation
-    )
+    base_metrics, base_reused = evaluate_base(settings, task, model, tokenizer, evaluation)
     timings["eval_base_s"] = time.perf_counter() - start
 
     config = LoFiTConfig(heads=heads, use_offset=True, use_scaling=settings.train_both_vectors, init_weights=True)
@@ -191,6 +209,7 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
         "num_heads_selected": len(heads),
         "trainable_parameters": trainable,
         "base": base_metrics,
+        "base_metrics_from_cache": base_reused,
         "lofit": lofit_metrics,
         "l1_search": search,
         "timings_s": {key: round(value, 1) for key, value in timings.items()},

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# base-model metrics cached by this test session only, never read from or written to the user's cache
+os.environ["PEFT_LOFIT_METRICS_CACHE"] = tempfile.mkdtemp(prefix="peft_lofit_metrics_")
 
 import pytest
 import torch

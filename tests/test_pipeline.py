@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 
 import pytest
 import torch
@@ -13,7 +14,10 @@ from safetensors.torch import load_file
 
 from peft_lofit import cli, pipeline
 from peft_lofit.heads import HeadSelection
+from peft_lofit.metrics_cache import cached_evaluation
 from peft_lofit.pipeline import PipelineSettings, results_table, run_pipeline
+from peft_lofit.tasks import get_task
+from peft_lofit.tasks.base import data_root
 from peft_lofit.training import TrainSettings
 
 
@@ -200,3 +204,53 @@ def test_head_selection_from_another_model_is_refused_early(tmp_path):
             model=tiny_model("llama"),
             tokenizer=tiny_tokenizer(),
         )
+
+
+def test_base_metrics_are_cached_by_weights_and_data_contents(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFT_LOFIT_METRICS_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(data_root() / "mquake", tmp_path / "data" / "mquake")
+    task, model = get_task("mquake"), tiny_model("llama")
+    calls = []
+
+    def evaluate(data_dir):
+        settings = dict(split="val", data_dir=str(data_dir), fold=0, limit=2, batch_size=2)
+        return cached_evaluation(model, task, settings, lambda: calls.append(1) or {"accuracy": 0.5, "n": 2})
+
+    assert evaluate(tmp_path / "data") == ({"accuracy": 0.5, "n": 2}, False)
+    assert evaluate(tmp_path / "data") == ({"accuracy": 0.5, "n": 2}, True) and len(calls) == 1
+    shutil.copytree(tmp_path / "data", tmp_path / "moved")  # another path, the same contents: the same entry
+    assert evaluate(tmp_path / "moved")[1] and len(calls) == 1
+    with (tmp_path / "moved" / "mquake" / "val.jsonl").open("a") as handle:
+        handle.write("\n")  # other contents: a new entry
+    assert not evaluate(tmp_path / "moved")[1] and len(calls) == 2
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1  # other weights: a new entry
+    assert not evaluate(tmp_path / "data")[1] and len(calls) == 3
+
+
+def test_lofit_run_reuses_the_base_metrics_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PEFT_LOFIT_METRICS_CACHE", str(tmp_path / "cache"))
+    settings = dict(
+        task="mquake",
+        train_limit=4,
+        eval_limit=2,
+        k=2,
+        eval_split="val",
+        localize=TrainSettings(learning_rate=1e-2, l1_lambda=1e-3, epochs=1, batch_size=4),
+        train=TrainSettings(learning_rate=1e-2, epochs=1, batch_size=4),
+    )
+    first = run_pipeline(
+        PipelineSettings(output_dir=str(tmp_path / "a"), **settings), tiny_model("llama"), tiny_tokenizer()
+    )
+    second = run_pipeline(
+        PipelineSettings(output_dir=str(tmp_path / "b"), **settings), tiny_model("llama"), tiny_tokenizer()
+    )
+    assert not first["base_metrics_from_cache"] and second["base_metrics_from_cache"]
+    assert first["base"] == second["base"] and first["lofit"] == second["lofit"]
+    assert "Base model metrics on mquake val reused from the cache" in capsys.readouterr().out
+    third = run_pipeline(
+        PipelineSettings(output_dir=str(tmp_path / "c"), cache_base_metrics=False, **settings),
+        tiny_model("llama"),
+        tiny_tokenizer(),
+    )
+    assert not third["base_metrics_from_cache"] and third["base"] == first["base"]

@@ -24,6 +24,11 @@ class Task:
     metrics: tuple[str, ...]
     _rows: Callable
     _evaluate: Callable
+    _files: Callable  # (split, data_dir, fold) -> the files an evaluation of that split reads
+
+    def data_files(self, split: str = "test", data_dir=None, fold: int = 0) -> list:
+        """Every file ``evaluate`` reads for ``split``: what a cached result must be keyed by."""
+        return list(self._files(split, data_dir, fold))
 
     def training_rows(
         self, split: str = "train", data_dir=None, fold: int = 0, limit: Optional[int] = None
@@ -51,6 +56,10 @@ def _truthfulqa_evaluate(model, tokenizer, split, data_dir, fold, limit, batch_s
     return truthfulqa.evaluate_mc(model, tokenizer, questions, data_dir=data_dir, desc=desc)
 
 
+def _truthfulqa_files(split, data_dir, fold):
+    return [truthfulqa.split_file(split, fold, data_dir=data_dir), *truthfulqa.prompt_files(data_dir)]
+
+
 def _generation_task(module):
     def rows(split, data_dir, fold):
         return [{"prompt": e.prompt, "completion": e.completion} for e in module.load(split, data_dir=data_dir)]
@@ -60,11 +69,16 @@ def _generation_task(module):
         metrics, _ = module.evaluate(model, tokenizer, examples, batch_size=batch_size, desc=desc)
         return metrics
 
-    return rows, evaluate
+    def files(split, data_dir, fold):
+        return [module.split_file(split, data_dir)]
+
+    return rows, evaluate, files
 
 
 TASKS = {
-    "truthfulqa": Task("truthfulqa", "dpo", ("mc1", "mc2", "mc3"), _truthfulqa_rows, _truthfulqa_evaluate),
+    "truthfulqa": Task(
+        "truthfulqa", "dpo", ("mc1", "mc2", "mc3"), _truthfulqa_rows, _truthfulqa_evaluate, _truthfulqa_files
+    ),
     "mquake": Task("mquake", "sft", ("accuracy",), *_generation_task(mquake)),
     "clutrr": Task("clutrr", "sft", ("accuracy",), *_generation_task(clutrr)),
 }

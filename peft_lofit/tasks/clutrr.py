@@ -36,8 +36,12 @@ def prompt(story: str, per1: str, per2: str) -> str:
     )
 
 
+def split_file(split: str, data_dir=None):
+    return existing_file(data_root(data_dir) / "clutrr" / f"{split}.json", f"CLUTRR {split} split")
+
+
 def load(split: str, data_dir=None) -> list[GenerationExample]:
-    path = existing_file(data_root(data_dir) / "clutrr" / f"{split}.json", f"CLUTRR {split} split")
+    path = split_file(split, data_dir)
     examples = []
     for row in read_json_rows(path):
         story, target = row.text("clean_story").replace("[", "").replace("]", ""), row.text("target_text")

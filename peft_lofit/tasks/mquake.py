@@ -46,8 +46,12 @@ def _checked_row(row: Row) -> dict:
     }
 
 
+def split_file(split: str, data_dir=None):
+    return existing_file(data_root(data_dir) / "mquake" / f"{split}.jsonl", f"MQuAKE {split} split")
+
+
 def load(split: str, data_dir=None) -> list[GenerationExample]:
-    path = existing_file(data_root(data_dir) / "mquake" / f"{split}.jsonl", f"MQuAKE {split} split")
+    path = split_file(split, data_dir)
     examples = []
     for row in read_json_rows(path):
         fields = _checked_row(row)

@@ -36,9 +36,14 @@ def split_path(split: str, fold: int = 0, seed: int = 42, data_dir=None) -> Path
     return data_root(data_dir) / "truthfulqa" / f"fold_{fold}_{split}_seed_{seed}.csv"
 
 
+def split_file(split: str, fold: int = 0, seed: int = 42, data_dir=None) -> Path:
+    """``split_path``, checked to exist."""
+    return existing_file(split_path(split, fold, seed, data_dir), f"TruthfulQA fold {fold} {split} split")
+
+
 def load_truthfulqa(split: str, fold: int = 0, seed: int = 42, data_dir=None) -> list[TruthfulQAQuestion]:
     """Questions of ``fold_{fold}_{split}_seed_{seed}.csv``; the answer lists are ``; ``-separated."""
-    path = existing_file(split_path(split, fold, seed, data_dir), f"TruthfulQA fold {fold} {split} split")
+    path = split_file(split, fold, seed, data_dir)
     questions = []
     for row in read_csv_rows(path):
         question, best_answer = row.text("Question").strip(), row.text("Best Answer").strip()
@@ -85,11 +90,17 @@ def dpo_pairs(questions: list[TruthfulQAQuestion], pairs: str = "best") -> list[
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
-def read_prompt_files(data_dir=None) -> tuple[str, str]:
+def prompt_files(data_dir=None) -> tuple[Path, Path]:
     folder = data_root(data_dir) / "truthfulqa"
-    instruction = existing_file(folder / "instruction.txt", "TruthfulQA instruction").read_text(encoding="utf-8")
-    primer = existing_file(folder / "qa_primer.txt", "TruthfulQA primer").read_text(encoding="utf-8")
-    return instruction.strip(), primer.strip()
+    return (
+        existing_file(folder / "instruction.txt", "TruthfulQA instruction"),
+        existing_file(folder / "qa_primer.txt", "TruthfulQA primer"),
+    )
+
+
+def read_prompt_files(data_dir=None) -> tuple[str, str]:
+    instruction, primer = (path.read_text(encoding="utf-8").strip() for path in prompt_files(data_dir))
+    return instruction, primer
 
 
 def mc_prompt(instruction: str, primer: str, question: str, answer: str) -> str:
