@@ -182,6 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _search_space(args):
+    from .search import SearchSpace
+
+    axes = {"l1": "search_l1", "k": "search_k", "learning_rate": "search_lr", "epochs": "search_epochs"}
+    values = {field: getattr(args, name, None) for field, name in axes.items()}
+    if not any(values.values()):
+        return None
+    return SearchSpace(
+        **{field: value or [] for field, value in values.items()}, max_trials=getattr(args, "search_max_trials", None)
+    )
+
+
 def _settings(args):
     from .pipeline import PipelineSettings
     from .training import TrainSettings
@@ -208,6 +220,7 @@ def _settings(args):
         fraction=getattr(args, "fraction", 0.03),
         heads=getattr(args, "heads", "learned"),
         l1_search=getattr(args, "l1_search", None),
+        search=_search_space(args),
         localize=localize,
         train=train,
         train_both_vectors=getattr(args, "both_vectors", False),
@@ -227,6 +240,13 @@ def command_run(args) -> None:
     if args.quick:
         settings.make_quick()
     results = run_pipeline(settings)
+    if results["search"]:
+        best = results["search"]["best"]
+        say(
+            f"\nChosen on val ({results['search']['strategy']}, {results['search']['metric']} {best['score']:.4f}): "
+            f"lambda {best['l1']:g}, K {best['k']}, lr {best['learning_rate']:g}, {best['epochs']:g} epochs; "
+            f"trials in {Path(results['settings']['output_dir']) / 'search' / 'trials.md'}"
+        )
     if results["l1_search"]:
         say(f"\nL1 weight chosen by {describe_l1_search(results['l1_search'])}: {results['l1_search']['best']:g}")
     say(f"\n{results_table(results)}\n\nTimes (s): {results['timings_s']}")

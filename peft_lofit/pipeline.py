@@ -24,6 +24,7 @@ from .io import atomic_write_json
 from .localize import localize
 from .metrics_cache import cached_evaluation, metrics_cache_root
 from .publish import write_model_card
+from .search import SEARCH_SPLIT, SearchSpace, run_search
 from .tasks import get_task
 from .training import TrainSettings, train_adapter
 from .tuner import LoFiTConfig
@@ -46,6 +47,7 @@ class PipelineSettings:
     fraction: float = 0.03
     heads: str = "learned"  # "learned", "random", or a HeadSelection JSON file (heads from another run/task)
     l1_search: Optional[list[float]] = None  # choose step 1's lambda among these on the validation split
+    search: Optional[SearchSpace] = None  # choose lambda, K, step-2 lr and epochs on the validation split (search.py)
     localize: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=5e-3, l1_lambda=5e-4))
     train: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=1e-2))
     train_both_vectors: bool = False  # step 2 trains v only (paper); True trains A and v
@@ -69,6 +71,13 @@ class PipelineSettings:
                 raise ValueError(f"{name} must be at least 1, got {value}.")
         if self.k is None and not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}.")
+        if self.search is not None:
+            if self.l1_search is not None or self.heads != "learned":
+                raise ValueError("--search chooses lambda and K itself: it needs --heads learned and no --l1-search.")
+            if self.eval_split == SEARCH_SPLIT:
+                raise ValueError(
+                    f"--search chooses on the {SEARCH_SPLIT} split; evaluate on another one (--eval-split test)."
+                )
         if self.l1_search is not None:
             if self.heads != "learned":
                 raise ValueError("--l1-search chooses the L1 weight of step 1, so it needs --heads learned.")
@@ -132,6 +141,16 @@ def heads_per_layer(model) -> list[int]:
     return [projections[layer][1].num_heads for layer in sorted(projections)]
 
 
+def with_best_trial(settings: PipelineSettings, search: dict) -> PipelineSettings:
+    """A copy of ``settings`` with the search's winner: its heads (ranking of its lambda), K, learning rate, epochs."""
+    best = search["best"]
+    settings = copy.deepcopy(settings)
+    settings.search, settings.heads, settings.k = None, search["head_selection"], best["k"]
+    settings.localize.l1_lambda = best["l1"]
+    settings.train.learning_rate, settings.train.epochs = best["learning_rate"], best["epochs"]
+    return settings
+
+
 def evaluate_base(settings: PipelineSettings, task, model, tokenizer, evaluation: dict) -> tuple[dict, bool]:
     """The base model's metrics and whether they came from the on-disk cache (``metrics_cache``)."""
 
@@ -173,6 +192,12 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
         settings.heads, settings.localize.l1_lambda = search["head_selection"], search["best"]
     if model is None:
         model, tokenizer = load_model_and_tokenizer(settings.model)
+    hyperparameters = None
+    if settings.search is not None:
+        start = time.perf_counter()
+        hyperparameters = run_search(settings, settings.search, model, tokenizer)
+        timings["search_s"] = time.perf_counter() - start
+        settings = with_best_trial(settings, hyperparameters)
     # the id the card names: the loaded model's own path says more than settings.model for a model passed in
     name_or_path = getattr(model, "name_or_path", "")
     hub_id, weights_source = describe_base_model(name_or_path) if name_or_path else (None, None)
@@ -212,6 +237,7 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
         "base_metrics_from_cache": base_reused,
         "lofit": lofit_metrics,
         "l1_search": search,
+        "search": hyperparameters,
         "timings_s": {key: round(value, 1) for key, value in timings.items()},
         "settings": _jsonable(asdict(settings)),
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},

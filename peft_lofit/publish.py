@@ -105,6 +105,14 @@ def model_card(config: dict, metrics: Optional[dict] = None, repo_id: Optional[s
             _heads_line(metrics),
             f"- trained numbers: {metrics.get('trainable_parameters')}",
         ]
+    if metrics.get("search"):
+        search, best = metrics["search"], metrics["search"]["best"]
+        parts += [
+            "## Hyperparameter search",
+            f"Chosen by {search['metric']} on the {search['split']} split ({search['strategy']}; every trial in "
+            f"`search/trials.md` of the run): L1 weight {best['l1']:g}, K = {best['k']}, learning rate "
+            f"{best['learning_rate']:g}, {best['epochs']:g} epochs ({search['metric']} {best['score']:.4f}).",
+        ]
     if metrics.get("base") and metrics.get("lofit"):
         names = [key for key in metrics["lofit"] if key != "n"]
         parts += [

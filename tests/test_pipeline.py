@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from peft_lofit import cli, pipeline
 from peft_lofit.heads import HeadSelection
 from peft_lofit.metrics_cache import cached_evaluation
 from peft_lofit.pipeline import PipelineSettings, results_table, run_pipeline
+from peft_lofit.search import SearchSpace
 from peft_lofit.tasks import get_task
 from peft_lofit.tasks.base import data_root
 from peft_lofit.training import TrainSettings
@@ -254,3 +256,78 @@ def test_lofit_run_reuses_the_base_metrics_and_says_so(tmp_path, monkeypatch, ca
         tiny_tokenizer(),
     )
     assert not third["base_metrics_from_cache"] and third["base"] == first["base"]
+
+
+def test_search_chooses_lambda_k_lr_and_epochs_on_validation(tmp_path):
+    space = SearchSpace(l1=[1e-4, 3e-1], k=[1, 3], learning_rate=[1e-2, 5e-2], epochs=[1])
+    results = run_pipeline(
+        tiny_settings(tmp_path, search=space), model=tiny_model("llama"), tokenizer=tiny_tokenizer()
+    )
+    search, run = results["search"], tmp_path / "run"
+    trials = json.loads((run / "search" / "trials.json").read_text())
+    assert len(trials) == 8 and search["trials"] == trials and search["strategy"] == "full grid of 8 trials"
+    assert sorted(trial["l1"] for trial in trials) == [1e-4] * 4 + [3e-1] * 4
+    assert sorted((run / "search").glob("l1_*/head_selection.json")) == [
+        run / "search" / "l1_0.0001" / "head_selection.json",  # one localization per lambda, reused for every K
+        run / "search" / "l1_0.3" / "head_selection.json",
+    ]
+    for trial in trials:  # each score is that trial's own validation result
+        saved = json.loads((Path(trial["output_dir"]) / "metrics.json").read_text())
+        assert saved["settings"]["eval_split"] == "val" and saved["lofit"]["mc2"] == trial["score"]
+        assert (
+            saved["num_heads_selected"] == trial["k"]
+            and saved["settings"]["train"]["learning_rate"] == trial["learning_rate"]
+        )
+    best = max(trials, key=lambda trial: trial["score"])
+    assert search["best"] == best
+    assert results["settings"]["eval_split"] == "test" and results["num_heads_selected"] == best["k"]
+    assert results["settings"]["train"]["learning_rate"] == best["learning_rate"]
+    assert results["settings"]["localize"]["l1_lambda"] == best["l1"]
+    assert json.loads((run / "metrics.json").read_text())["search"] == search
+    assert "| lambda | K | learning rate | epochs | val mc2 | seconds |" in (run / "search" / "trials.md").read_text()
+    card = (run / "adapter" / "README.md").read_text()
+    assert "## Hyperparameter search" in card and f"K = {best['k']}, learning rate {best['learning_rate']:g}" in card
+
+
+def test_search_budget_samples_the_grid(tmp_path):
+    space = SearchSpace(k=[1, 2, 3], learning_rate=[1e-2, 2e-2], max_trials=2)
+    points = space.grid(tiny_settings(tmp_path))
+    assert len(points) == 2 and points == space.grid(tiny_settings(tmp_path))  # seeded: the same sample each time
+    assert {(point["k"], point["learning_rate"]) for point in points} <= {
+        (k, lr) for k in (1, 2, 3) for lr in (1e-2, 2e-2)
+    }
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(search=SearchSpace(k=[2]), l1_search=[1e-3]), "--search chooses lambda and K itself"),
+        (dict(search=SearchSpace(k=[2]), eval_split="val"), "--search chooses on the val split"),
+    ],
+)
+def test_search_settings_are_checked(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_settings(tmp_path, **overrides)
+    with pytest.raises(ValueError, match="must differ"):
+        SearchSpace(k=[2, 2])
+
+
+def test_search_flags_build_the_search_space():
+    args = cli.build_parser().parse_args(
+        [
+            "run",
+            "--search-l1",
+            "5e-4",
+            "2e-3",
+            "--search-k",
+            "8",
+            "27",
+            "--search-lr",
+            "1e-2",
+            "--search-max-trials",
+            "3",
+        ]
+    )
+    settings = cli._settings(args)
+    assert settings.search == SearchSpace(l1=[5e-4, 2e-3], k=[8, 27], learning_rate=[1e-2], epochs=[], max_trials=3)
+    assert cli._settings(cli.build_parser().parse_args(["run"])).search is None

@@ -1,0 +1,148 @@
+"""Choosing LoFiT's hyperparameters on the validation split: lambda, K, the step-2 learning rate and epochs.
+
+``run_search`` localizes once per L1 weight (step 1 on the training split) and reuses that ranking for every K, then
+runs one trial per point of the grid (lambda x K x learning rate x epochs): step 2 on the training split, scored on
+the validation split by the task's ``selection_metric`` (MC2 for TruthfulQA, exact match otherwise). Every trial is
+a row of ``OUTPUT/search/trials.json`` (and ``trials.md``), written as it finishes. The budget is ``max_trials``:
+when the grid is larger, that many of its points are tried, drawn in a seeded random order (plain random search,
+no early stopping). The best trial wins, the first one on a tie; ``run_pipeline`` then trains its settings on the
+training split and evaluates on the test split.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .io import atomic_write_json, atomic_write_text
+
+SEARCH_SPLIT = "val"
+
+
+@dataclass
+class SearchSpace:
+    """The values to try; an empty list means the run's own value (``--l1``, ``--k``, ``--lr``, ``--epochs``)."""
+
+    l1: list[float] = field(default_factory=list)
+    k: list[int] = field(default_factory=list)
+    learning_rate: list[float] = field(default_factory=list)
+    epochs: list[float] = field(default_factory=list)
+    max_trials: Optional[int] = None
+
+    def __post_init__(self):
+        for name in ("l1", "k", "learning_rate", "epochs"):
+            values = getattr(self, name)
+            if any(not value > 0 for value in values):
+                raise ValueError(f"search values for {name} must be > 0, got {values}.")
+            if len(set(values)) < len(values):
+                raise ValueError(f"search values for {name} must differ, got {values}.")
+        if self.max_trials is not None and self.max_trials < 1:
+            raise ValueError(f"--search-max-trials must be at least 1, got {self.max_trials}.")
+
+    def grid(self, settings) -> list[dict]:
+        """Every trial's settings, in grid order, then cut to ``max_trials`` in a random order seeded by the run."""
+        axes = {
+            "l1": self.l1 or [settings.localize.l1_lambda],
+            "k": self.k or [settings.k],
+            "learning_rate": self.learning_rate or [settings.train.learning_rate],
+            "epochs": self.epochs or [settings.train.epochs],
+        }
+        points = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+        if self.max_trials is not None and self.max_trials < len(points):
+            random.Random(settings.seed).shuffle(points)
+            points = points[: self.max_trials]
+        return points
+
+
+def _trial_settings(settings, point: dict, heads_file: Path, output: Path):
+    trial = copy.deepcopy(settings)
+    trial.search, trial.l1_search = None, None
+    trial.heads, trial.k, trial.eval_split, trial.output_dir = str(heads_file), point["k"], SEARCH_SPLIT, str(output)
+    trial.localize.l1_lambda = point["l1"]
+    trial.train.learning_rate, trial.train.epochs = point["learning_rate"], point["epochs"]
+    return trial
+
+
+def _localize_once(settings, l1: float, model, tokenizer, rows, folder: Path) -> Path:
+    """Step 1 with L1 weight ``l1`` on a copy of the model; the head-selection file every K of it reuses."""
+    from .localize import localize
+    from .tasks import get_task
+
+    step = copy.deepcopy(settings.localize)
+    step.l1_lambda, step.seed, step.output_dir = l1, settings.seed, str(folder / "checkpoints")
+    selection = localize(
+        copy.deepcopy(model),
+        tokenizer,
+        rows,
+        get_task(settings.task).objective,
+        settings=step,
+        metadata={"task": settings.task, "l1_lambda": l1},
+    )
+    return selection.save(folder / "head_selection.json")
+
+
+def _strategy(space: SearchSpace, settings, tried: int) -> str:
+    whole = len(SearchSpace(**{**asdict(space), "max_trials": None}).grid(settings))
+    if tried == whole:
+        return f"full grid of {whole} trials"
+    return f"random sample of {tried} of the {whole} grid points (seed {settings.seed})"
+
+
+def trials_table(trials: list[dict], metric: str) -> str:
+    """The trials as a Markdown table, best first."""
+    lines = [f"| lambda | K | learning rate | epochs | val {metric} | seconds |", "|---|---|---|---|---|---|"]
+    for trial in sorted(trials, key=lambda row: -row["score"]):
+        lines.append(
+            f"| {trial['l1']:g} | {trial['k']} | {trial['learning_rate']:g} | {trial['epochs']:g} | "
+            f"{trial['score']:.4f} | {trial['seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_search(settings, space: SearchSpace, model, tokenizer) -> dict:
+    """Try the grid on the validation split (see the module docstring); return the trials and the best one."""
+    from .pipeline import run_pipeline
+    from .tasks import get_task
+
+    task = get_task(settings.task)
+    root = Path(settings.output_dir) / "search"
+    rows = task.training_rows("train", data_dir=settings.data_dir, fold=settings.fold, limit=settings.train_limit)
+    points = space.grid(settings)
+    heads_files = {}
+    trials = []
+    for index, point in enumerate(points):
+        if point["l1"] not in heads_files:
+            start = time.perf_counter()
+            heads_files[point["l1"]] = _localize_once(
+                settings, point["l1"], model, tokenizer, rows, root / f"l1_{point['l1']:g}"
+            )
+            point = {**point, "localize_seconds": round(time.perf_counter() - start, 1)}
+        start = time.perf_counter()
+        trial = _trial_settings(settings, point, heads_files[point["l1"]], root / f"trial_{index:03d}")
+        result = run_pipeline(trial, copy.deepcopy(model), tokenizer)
+        trials.append(
+            {
+                **point,
+                "k": result["num_heads_selected"],
+                "score": result["lofit"][task.selection_metric],
+                "seconds": round(time.perf_counter() - start, 1),
+                "output_dir": trial.output_dir,
+            }
+        )
+        atomic_write_json(root / "trials.json", trials)  # as each trial finishes: nothing is lost to an interruption
+    atomic_write_text(root / "trials.md", trials_table(trials, task.selection_metric))
+    best = max(trials, key=lambda row: row["score"])  # max keeps the first of equal scores
+    return {
+        "metric": task.selection_metric,
+        "split": SEARCH_SPLIT,
+        "strategy": _strategy(space, settings, len(points)),
+        "space": asdict(space),
+        "trials": trials,
+        "best": best,
+        "head_selection": str(heads_files[best["l1"]]),
+    }
