@@ -133,6 +133,32 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--quick", action="store_true", help="smoke run: 32 training rows, 24 eval examples, 1 epoch each"
     )
+    run.add_argument(
+        "--no-metrics-cache",
+        action="store_true",
+        help="evaluate the base model even when its metrics for this model, data and settings are cached",
+    )
+    search_axes = (
+        ("l1", _positive_float, "L1 weights of step 1 (one localization each)"),
+        ("k", _positive_int, "numbers of heads (each lambda's ranking reused)"),
+        ("lr", _positive_float, "step-2 learning rates"),
+        ("epochs", _positive_float, "step-2 epochs"),
+    )
+    for flag, kind, what in search_axes:
+        run.add_argument(
+            f"--search-{flag}",
+            type=kind,
+            nargs="+",
+            default=None,
+            metavar=flag.upper(),
+            help=f"choose among these {what} on the validation split (trials in OUTPUT/search/)",
+        )
+    run.add_argument(
+        "--search-max-trials",
+        type=_positive_int,
+        default=None,
+        help="trial budget: a seeded random sample of the grid when it is larger",
+    )
 
     loc = commands.add_parser("localize", help="step 1: score every head", description="Step 1 of LoFiT.")
     _common(loc)

@@ -331,3 +331,7 @@ def test_search_flags_build_the_search_space():
     settings = cli._settings(args)
     assert settings.search == SearchSpace(l1=[5e-4, 2e-3], k=[8, 27], learning_rate=[1e-2], epochs=[], max_trials=3)
     assert cli._settings(cli.build_parser().parse_args(["run"])).search is None
+    assert (
+        settings.cache_base_metrics
+        and not cli._settings(cli.build_parser().parse_args(["run", "--no-metrics-cache"])).cache_base_metrics
+    )
