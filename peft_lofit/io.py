@@ -20,11 +20,22 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _umask() -> int:
+    """The process umask, read from /proc where it can be (setting it, even briefly, races with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def default_mode(directory: bool) -> int:
     """The permissions a new file (0666) or folder (0777) gets under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if directory else 0o666) & ~umask
+    return (0o777 if directory else 0o666) & ~_umask()
 
 
 def staging_dir(target: Path, kind: str = "new") -> Path:
@@ -36,9 +47,10 @@ def staging_dir(target: Path, kind: str = "new") -> Path:
     return path
 
 
-def recover_interrupted_replace(target) -> None:
+def recover_interrupted_replace(target, clean: bool = False) -> None:
     """Undo what an interrupted ``replace_directory`` left beside ``target``: put the previous folder back if the
-    target is missing, and delete every stale ``.NAME.new-*`` / ``.NAME.old-*`` folder."""
+    target is missing. With ``clean`` (a writer about to replace ``target``), also delete the temporaries that earlier
+    interrupted replaces left (``.NAME.new-*`` / ``.NAME.old-*``); readers leave them alone."""
     target = Path(target)
     if not target.parent.is_dir():
         return
@@ -46,8 +58,9 @@ def recover_interrupted_replace(target) -> None:
         previous = backup / target.name
         if not target.exists() and previous.exists():
             os.replace(previous, target)
-        shutil.rmtree(backup, ignore_errors=True)
-    for staging in target.parent.glob(f".{target.name}.new-*"):
+        if clean:
+            shutil.rmtree(backup, ignore_errors=True)
+    for staging in target.parent.glob(f".{target.name}.new-*") if clean else ():
         shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -58,7 +71,7 @@ def replace_directory(target) -> Iterator[Path]:
     The previous ``target`` (if any) stays whole until the new folder is complete; on an error it is untouched.
     """
     target = Path(target)
-    recover_interrupted_replace(target)
+    recover_interrupted_replace(target, clean=True)
     staging = staging_dir(target, "new")
     try:
         yield staging

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from .checkpoint import CARD_FILE, validate_adapter_folder
+from .default_model import is_hub_id
 from .io import atomic_write_text
 
 
@@ -48,13 +49,6 @@ def describe_l1_search(search: dict) -> str:
     return f"{search['metric']} on the {search['split']} split among {tried}"
 
 
-def _hub_id(name: Optional[str]) -> Optional[str]:
-    """``name`` if it can be a Hub id ("org/name" that is not a local path), else None: a card never names a path."""
-    if not name or Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") != 1:
-        return None
-    return name
-
-
 def model_card(config: dict, metrics: Optional[dict] = None, repo_id: Optional[str] = None) -> str:
     """The Markdown model card for an adapter with config dict ``config`` (and pipeline ``metrics``, if known).
 
@@ -62,7 +56,11 @@ def model_card(config: dict, metrics: Optional[dict] = None, repo_id: Optional[s
     is one), never a local path; without one the card says how to add it.
     """
     metrics = metrics or {}
-    base_model = _hub_id(metrics.get("base_model_id")) or _hub_id(config.get("base_model_name_or_path"))
+    # a card never names a local path
+    base_model = next(
+        (name for name in (metrics.get("base_model_id"), config.get("base_model_name_or_path")) if is_hub_id(name)),
+        None,
+    )
     task = metrics.get("task")
     heads = config.get("heads")
     vectors = [

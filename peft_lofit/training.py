@@ -25,7 +25,7 @@ try:
 except ImportError as error:
     raise missing_extra(error, "Training (localize, train_adapter, lofit)") from error
 
-from .distributed import has_accelerator
+from .distributed import has_accelerator, is_main_process
 from .frozen_prefix import FrozenPrefixCache
 
 OBJECTIVES = ("dpo", "sft")
@@ -209,7 +209,9 @@ def train_adapter(model, tokenizer, rows, objective, peft_config: PeftConfig, se
         with cache:
             trainer.train(resume_from_checkpoint=settings.resume_from_checkpoint)
     except FloatingPointError as error:
-        kept = save_adapter(trainer.model, Path(settings.output_dir) / "last_good_adapter")
+        kept = Path(settings.output_dir) / "last_good_adapter"
+        if is_main_process():  # every rank holds the same adapter; one writes it
+            save_adapter(trainer.model, kept)
         raise FloatingPointError(f"{error} The last good adapter is saved in {kept}.") from None
     trainer.frozen_prefix_stats = cache.stats if use_cache else None
     peft_model = trainer.model

@@ -123,6 +123,7 @@ def test_load_by_repo_id_from_the_hub_cache_offline(run_folder, tmp_path, monkey
         ("HuggingFaceTB/SmolLM2-135M-Instruct", ("HuggingFaceTB/SmolLM2-135M-Instruct", None)),
         ("hub/models--org--name/snapshots/0123abc", ("org/name", None)),
         ("a/local/folder/without/an/id", (None, None)),
+        ("gpt2", ("gpt2", None)),  # a bare legacy Hub id
     ],
 )
 def test_the_card_names_the_hub_id_never_a_path(name_or_path, expected, tmp_path, monkeypatch):

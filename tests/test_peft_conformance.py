@@ -521,3 +521,34 @@ def test_peft_mixed_model_is_refused_by_peft():
     """Documented limitation: PEFT hard-codes the tuner types PeftMixedModel accepts."""
     with pytest.raises(ValueError, match="'LOFIT' is not compatible with the `PeftMixedModel`"):
         get_peft_model(tiny_model("llama"), LoFiTConfig(heads=HEADS), mixed=True)
+
+
+def test_deleting_an_adapter_keeps_inference_loaded_adapters_frozen(tmp_path):
+    model = two_adapters("llama", wrapped=False)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    loaded.load_adapter(tmp_path / "other", adapter_name="other")
+    loaded.delete_adapter("other")
+    assert not any(param.requires_grad for param in loaded.parameters())
+    trainable = PeftModel.from_pretrained(tiny_model("llama"), tmp_path, is_trainable=True)
+    trainable.add_adapter("extra", lofit("offsets"))
+    trainable.delete_adapter("extra")
+    assert all(param.requires_grad for name, param in trainable.named_parameters() if "lofit_" in name)
+
+
+def test_qwen2_with_every_layer_full_attention_merges_as_llama(inputs, tmp_path):
+    """use_sliding_window with max_window_layers >= layers: Qwen2's layer_types say no layer slides."""
+    torch.manual_seed(0)
+    base = tiny_model(
+        "qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=2, tie_word_embeddings=True
+    )
+    assert set(base.config.layer_types) == {"full_attention"}
+    base.config._attn_implementation = "eager"
+    model = get_peft_model(base, lofit("both")).eval()
+    expected = run(model, inputs)
+    with pytest.warns(UserWarning, match="returned as LlamaForCausalLM"):
+        merged = model.merge_and_unload()
+    assert merged.config._attn_implementation == "eager"
+    assert merged.model.embed_tokens.weight is merged.lm_head.weight  # tied weights stay tied
+    merged.save_pretrained(tmp_path)
+    close(run(AutoModelForCausalLM.from_pretrained(tmp_path).eval(), inputs), expected)

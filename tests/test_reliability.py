@@ -168,17 +168,25 @@ def with_scaling(tensors):
 
 
 @pytest.mark.parametrize(
-    "change, message",
+    "change, message, hotswap_message",
     [
-        (with_scaling, r"no place for: \['base_model.model.model.layers.0.self_attn.o_proj.lofit_scaling'"),
-        (lambda t: {**t, "base_model.model.extra.weight": torch.ones(2)}, r"no place for: \['base_model.model.extra"),
-        (lambda t: {k: v.fill_(float("nan")) for k, v in t.items()}, r"hold NaN or inf values"),
-        (lambda t: {k: v.fill_(float("inf")) for k, v in t.items()}, r"hold NaN or inf values"),
+        (
+            with_scaling,
+            r"no place for: \['base_model.model.model.layers.0.self_attn.o_proj.lofit_scaling'",
+            "lofit_scaling",
+        ),
+        (
+            lambda t: {**t, "base_model.model.extra.weight": torch.ones(2)},
+            r"no place for: \['base_model.model.extra",
+            "extra.weight",
+        ),
+        (lambda t: {k: v.fill_(float("nan")) for k, v in t.items()}, r"hold NaN or inf values", "hold NaN or inf"),
+        (lambda t: {k: v.fill_(float("inf")) for k, v in t.items()}, r"hold NaN or inf values", "hold NaN or inf"),
     ],
     ids=["scalings-under-use_scaling-false", "unknown-tensor", "nan", "inf"],
 )
 @pytest.mark.parametrize("loader", ["PeftModel.from_pretrained", "load_adapter", "hotswap_adapter"])
-def test_weights_that_do_not_match_their_config_are_refused(adapter_dir, change, message, loader):
+def test_weights_that_do_not_match_their_config_are_refused(adapter_dir, change, message, hotswap_message, loader):
     folder, _ = adapter_dir
     rewrite_weights(folder, change)
     if loader == "PeftModel.from_pretrained":
@@ -189,7 +197,7 @@ def test_weights_that_do_not_match_their_config_are_refused(adapter_dir, change,
             load_adapter(tiny_model("llama"), folder)
     else:
         model = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=HEADS))
-        with pytest.raises(ValueError, match="Cannot hot-swap"):
+        with pytest.raises(ValueError, match="Cannot hot-swap.*" + re.escape(hotswap_message)):
             hotswap_adapter(model, folder)
 
 
@@ -308,14 +316,19 @@ def test_export_refuses_a_file_or_the_base_model_folder_before_loading(tmp_path,
     base = tiny_model_folder(tmp_path / "base")
     weights = (base / "model.safetensors").read_bytes()
     (tmp_path / "a_file").write_text("x")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text("{}")
     for merged, message in (
         (tmp_path / "a_file", "is a file"),
         (base, "is the --model folder"),
         (folder, "is the --adapter folder"),
+        (folder.parent, "holds the --adapter folder"),
+        (tmp_path / "run", "is a folder with other files in it"),
     ):
         assert cli.main(["export", "--adapter", str(folder), "--model", str(base), "--merged", str(merged)]) == 2
         assert message in capsys.readouterr().err
     assert (base / "model.safetensors").read_bytes() == weights and (tmp_path / "a_file").read_text() == "x"
+    assert (tmp_path / "run" / "metrics.json").read_text() == "{}"
     assert cli.main(["export", "--adapter", str(folder), "--model", str(base), "--merged", str(tmp_path / "m")]) == 0
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # renamed into place
 

@@ -74,9 +74,10 @@ class Row:
         return Row(value[0], self.path, self.number, f"{self.where}{name}[0].")
 
 
-def _rows(values: list, path: Path, first_number: int) -> list[Row]:
+def _rows(numbered: list[tuple[int, object]], path: Path) -> list[Row]:
+    """``(row number, value)`` pairs as Rows; a value that is not an object, or no rows at all, is an error."""
     rows = []
-    for number, value in enumerate(values, start=first_number):
+    for number, value in numbered:
         if not isinstance(value, dict):
             raise DataError(
                 f"{path}, row {number}: expected a JSON object with the task's fields, got {_kind(value)}."
@@ -105,17 +106,21 @@ def read_json_rows(path: Path) -> list[Row]:
                     values.append(json.loads(line))
                 except json.JSONDecodeError as error:
                     raise DataError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
-        return _rows(values, path, 1)
+        return _rows(list(enumerate(values, start=1)), path)
     try:
         values = json.loads(text)
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}).") from None
     if not isinstance(values, list):
         raise DataError(f"{path}: expected a JSON list of rows, got {_kind(values)}.")
-    return _rows(values, path, 1)
+    return _rows(list(enumerate(values, start=1)), path)
 
 
 def read_csv_rows(path: Path) -> list[Row]:
-    """Rows of a CSV file with a header line; row numbers are line numbers (the first row is line 2)."""
-    text = _read_text(path)
-    return _rows(list(csv.DictReader(io.StringIO(text, newline=""))), path, 2)
+    """Rows of a CSV file with a header line, numbered by the line each starts on (the first row is line 2)."""
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    numbered, start = [], None
+    for values in reader:
+        numbered.append((start or 2, values))
+        start = reader.line_num + 1  # the line after the last one read: where the next row starts
+    return _rows(numbered, path)

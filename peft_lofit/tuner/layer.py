@@ -214,7 +214,7 @@ class LoFiTLayer(nn.Module, BaseTunerLayer):
 
     def _merged_vectors(self, adapter_names: list[str]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         scale, offset = self.combined_vectors(adapter_names)
-        return (t.detach().float() if t is not None else None for t in (scale, offset))
+        return tuple(t.detach().float() if t is not None else None for t in (scale, offset))
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Fold adapters into the projection: ``W <- W diag(S)``, ``b <- b + W_0 V`` with ``S = prod (1 + A)``,
@@ -255,13 +255,9 @@ class LoFiTLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters.extend(adapter_names)
 
     def min_scale(self, adapter_names: list[str]) -> float:
-        """Smallest ``|1 + A|`` over the given adapters (1.0 when they have no scaling)."""
-        values = [
-            (1 + self.lofit_scaling[name].detach()).abs().min().item()
-            for name in adapter_names
-            if name in self.lofit_scaling
-        ]
-        return min(values, default=1.0)
+        """Smallest ``|prod_i (1 + A_i)|`` over the heads, for the given adapters together (1.0 without scalings)."""
+        scale, _ = self._merged_vectors(adapter_names)
+        return 1.0 if scale is None else scale.abs().min().item()
 
     def unmerge(self) -> None:
         """Undo every merge: ``W_0 = W / S``, ``b <- b - W_0 V`` over all merged adapters; drop a bias merging made."""

@@ -45,14 +45,17 @@ def bias_switch(model_config) -> Optional[str]:
 
 
 def _sliding_window_in_use(config) -> Optional[str]:
-    """Why ``config`` attends through a sliding window (a reason to print); None when every layer sees all tokens."""
-    layer_types = getattr(config, "layer_types", None) or []
-    if "sliding_attention" in layer_types:
+    """Why ``config`` attends through a sliding window (a reason to print); None when every layer sees all tokens.
+
+    Where the config lists ``layer_types`` (Qwen2), they alone decide, as in the modelling code; otherwise (Mistral)
+    a ``sliding_window`` shorter than the longest sequence does.
+    """
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
         sliding = [index for index, kind in enumerate(layer_types) if kind == "sliding_attention"]
-        return f"its layers {sliding} use sliding-window attention"
+        return f"its layers {sliding} use sliding-window attention" if sliding else None
     window = getattr(config, "sliding_window", None)
-    uses_window = getattr(config, "use_sliding_window", True)
-    if window is not None and uses_window and window < config.max_position_embeddings:
+    if window is not None and window < config.max_position_embeddings:
         return f"sliding_window={window} is smaller than max_position_embeddings={config.max_position_embeddings}"
     return None
 
@@ -72,7 +75,8 @@ def check_can_carry_biases(model: nn.Module, modules_needing_bias: list[str]) ->
     if not modules_needing_bias or config is None or bias_switch(config) is not None:
         return
     model_type = getattr(config, "model_type", type(model).__name__)
-    where = f"({modules_needing_bias[0]}, and {len(modules_needing_bias) - 1} more)"
+    more = len(modules_needing_bias) - 1
+    where = f"({modules_needing_bias[0]}{f', and {more} more' if more else ''})"
     advice = (
         "Keep the adapter unmerged (PeftModel, or merge_adapter() in memory), or merge an adapter with "
         "use_offset=False (scalings fold into the weight)."
@@ -94,6 +98,12 @@ def check_can_carry_biases(model: nn.Module, modules_needing_bias: list[str]) ->
         raise ValueError(
             f"Cannot merge LoFiT offsets into {type(model).__name__}: transformers has no Llama "
             f"equivalent of this class to carry the output-projection biases. {advice}"
+        )
+    if len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1:
+        raise ValueError(
+            f"Cannot merge LoFiT offsets into {model_type} dispatched over several devices (device_map): the merged "
+            "model is rebuilt in Llama form, which would lose the dispatch. Load the base model on one device to "
+            f"merge. {advice}"
         )
 
 
@@ -122,10 +132,10 @@ def _outermost_transformers_models(model: nn.Module) -> list[nn.Module]:
     return [module for _, module in found]
 
 
-def _skeleton(model_class: type, config) -> nn.Module:
+def _skeleton(model_class: type, config, **kwargs) -> nn.Module:
     """A model of ``model_class`` on the meta device: its parameter names and shapes, no memory, no initialisation."""
     with torch.device("meta"):
-        return model_class._from_config(config)
+        return model_class._from_config(config, **kwargs)
 
 
 def _extra_parameters(model: nn.Module) -> set[str]:
@@ -176,7 +186,10 @@ def as_llama(model: nn.Module) -> nn.Module:
     """ "As Llama" route: the same tensors in the Llama class of the same head, with zero biases where Llama has a bias
     and ``model`` had none. Tied weights stay tied (the same parameter object is assigned under both names)."""
     llama_class = _llama_class_for(model)
-    llama = _skeleton(llama_class, llama_config_for(model.config))
+    attention = getattr(model.config, "_attn_implementation", None)  # eager / sdpa / flash as the model was loaded
+    llama = _skeleton(
+        llama_class, llama_config_for(model.config), **({"attn_implementation": attention} if attention else {})
+    )
     tensors = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
     for name, tensor in tensors:
         module_name, _, leaf = name.rpartition(".")

@@ -150,7 +150,7 @@ class LoFiTModel(BaseTuner):
             heads = list(range(geometry.num_heads))
         else:
             heads = [head for head_layer, head in lofit_config.heads if head_layer == layer]
-        if isinstance(target, LoFiTLayer):  # geometry was checked against it in `projections`
+        if isinstance(target, LoFiTLayer):  # geometry was checked against it in `find_projections`
             target.update_layer(adapter_name, lofit_config, heads)
             return
         new_module = LoFiTLayer(target, adapter_name, lofit_config, geometry, heads)
@@ -201,10 +201,12 @@ class LoFiTModel(BaseTuner):
         remaining = [name for name in was_active if name != adapter_name and name in self.peft_config]
         if not remaining and self.peft_config:
             remaining = [sorted(self.peft_config)[0]]
-        _set_auxiliary_adapter(self.model, remaining)  # modules_to_save copies
+        # adapters loaded for inference stay frozen, as PEFT's own delete leaves them
+        frozen = bool(remaining) and all(self.peft_config[name].inference_mode for name in remaining)
+        _set_auxiliary_adapter(self.model, remaining, inference_mode=frozen)  # modules_to_save copies
         for module in self.model.modules():
             if isinstance(module, LoFiTLayer):
-                module.set_adapter(remaining)
+                module.set_adapter(remaining, inference_mode=frozen)
         self.active_adapter = remaining
 
     # ------------------------------------------------------------------------------------------ mixed batches
@@ -254,10 +256,13 @@ class LoFiTModel(BaseTuner):
         """Merge reversibly; refuses scalings with ``1 + A`` near 0, which unmerging would have to divide by."""
         names = adapter_names if adapter_names is not None else self.active_adapters
         for module_name, module in self.model.named_modules():
-            if isinstance(module, LoFiTLayer) and module.min_scale(names) < 1e-4:
+            if not isinstance(module, LoFiTLayer):
+                continue
+            scale = module.min_scale(list(dict.fromkeys([*module.merged_adapters, *names])))
+            if scale < 1e-4:
                 raise ValueError(
-                    f"{module_name}: a scaling has 1 + A = {module.min_scale(names):.2g}, so merge_adapter() could not "
-                    "be undone (unmerging divides by 1 + A). Use merge_and_unload(), which does not need to undo it."
+                    f"{module_name}: the merged scalings reach |prod (1 + A)| = {scale:.2g}, so merge_adapter() could "
+                    "not be undone (unmerging divides by it). Use merge_and_unload(), which does not need to undo it."
                 )
         super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
