@@ -145,7 +145,7 @@ class LoFiTConfig(PeftConfig):
         metadata={
             "help": (
                 "True: A = v = 0, an identity adapter. 'normal': A, v ~ N(0, init_std^2), the paper's initialisation "
-                "for training (std 1e-3). False: A, v ~ N(0, 1), a clearly non-identity adapter for tests."
+                "for training (std 1e-3). False: A ~ N(0, 0.1^2), v ~ N(0, 1), a clearly non-identity adapter for tests."
             )
         },
     )

@@ -115,7 +115,8 @@ class LoFiTLayer(nn.Module, BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def reset_lofit_parameters(self, adapter_name: str, init_weights, init_std: float = 1e-3) -> None:
-        """``True``: zeros (identity). ``"normal"``: N(0, init_std^2). ``False``: N(0, 1) (visibly non-identity)."""
+        """``True``: zeros (identity). ``"normal"``: N(0, init_std^2). ``False``: visibly non-identity, A ~ N(0, 0.1^2)
+        (so ``1 + A`` stays far from 0 and merges stay invertible) and v ~ N(0, 1)."""
         for container in (self.lofit_scaling, self.lofit_offset):
             if adapter_name not in container:
                 continue
@@ -123,8 +124,8 @@ class LoFiTLayer(nn.Module, BaseTunerLayer):
                 if init_weights is True:
                     container[adapter_name].zero_()
                 else:
-                    std = init_std if init_weights == "normal" else 1.0
-                    container[adapter_name].normal_(0.0, std)
+                    random_std = 0.1 if container is self.lofit_scaling else 1.0
+                    container[adapter_name].normal_(0.0, init_std if init_weights == "normal" else random_std)
 
     def heads_of(self, adapter_name: str) -> list[int]:
         """The head indices (sorted) that ``adapter_name`` edits in this layer."""
