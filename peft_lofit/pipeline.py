@@ -176,6 +176,7 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
     evaluation is not sharded: each process scores the whole split and gets the same numbers); only the main process
     writes.
     """
+    settings = copy.deepcopy(settings)  # the caller's settings stay as given (output folders and seeds are set below)
     torch.manual_seed(settings.seed)
     output = Path(settings.output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -188,7 +189,6 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
         start = time.perf_counter()
         search = choose_l1(settings, model, tokenizer)
         timings["l1_search_s"] = time.perf_counter() - start
-        settings = copy.deepcopy(settings)
         settings.heads, settings.localize.l1_lambda = search["head_selection"], search["best"]
     if model is None:
         model, tokenizer = load_model_and_tokenizer(settings.model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import shutil
@@ -335,3 +336,10 @@ def test_search_flags_build_the_search_space():
         settings.cache_base_metrics
         and not cli._settings(cli.build_parser().parse_args(["run", "--no-metrics-cache"])).cache_base_metrics
     )
+
+
+def test_run_pipeline_leaves_the_given_settings_alone(tmp_path):
+    settings = tiny_settings(tmp_path, search=SearchSpace(k=[1, 2]))
+    before = copy.deepcopy(settings)
+    run_pipeline(settings, model=tiny_model("llama"), tokenizer=tiny_tokenizer())
+    assert settings == before
