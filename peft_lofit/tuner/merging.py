@@ -114,12 +114,10 @@ def carry_merged_biases(model: nn.Module) -> nn.Module:
             if bias_switch(module.config) is not None:
                 make_config_carry_biases(module)
         return model
-    if not _extra_parameters(model):
-        return model
     if bias_switch(model.config) is not None:
-        make_config_carry_biases(model)
+        make_config_carry_biases(model)  # checks itself whether the merge created any bias
         return model
-    return as_llama(model)
+    return as_llama(model) if _extra_parameters(model) else model
 
 
 def _outermost_transformers_models(model: nn.Module) -> list[nn.Module]:
