@@ -252,16 +252,20 @@ def test_export_writes_a_plain_transformers_checkpoint(tmp_path, inputs):
 # --------------------------------------------------------------------------------------------------- TRL
 def test_lofit_config_as_peft_config_of_trl_trainers(tmp_path):
     tokenizer = tiny_tokenizer()
-    sft = SFTTrainer(
-        model=tiny_model("llama"),
-        args=SFTConfig(
-            output_dir=str(tmp_path / "sft"),
+
+    def arguments(config_class, name):
+        return config_class(
+            output_dir=str(tmp_path / name),
             num_train_epochs=1,
             per_device_train_batch_size=2,
             report_to="none",
             learning_rate=5e-2,
             use_cpu=True,
-        ),
+        )
+
+    sft = SFTTrainer(
+        model=tiny_model("llama"),
+        args=arguments(SFTConfig, "sft"),
         train_dataset=Dataset.from_list([{"prompt": "qa", "completion": " bb"}] * 4),
         processing_class=tokenizer,
         peft_config=LoFiTConfig(heads=HEADS),
@@ -269,14 +273,7 @@ def test_lofit_config_as_peft_config_of_trl_trainers(tmp_path):
     sft.train()
     dpo = DPOTrainer(
         model=tiny_model("llama"),
-        args=DPOConfig(
-            output_dir=str(tmp_path / "dpo"),
-            num_train_epochs=1,
-            per_device_train_batch_size=2,
-            report_to="none",
-            learning_rate=5e-2,
-            use_cpu=True,
-        ),
+        args=arguments(DPOConfig, "dpo"),
         train_dataset=Dataset.from_list([{"prompt": "qa", "chosen": " bb", "rejected": " cc"}] * 4),
         processing_class=tokenizer,
         peft_config=LoFiTConfig(heads=HEADS),
