@@ -20,6 +20,7 @@ from peft import PeftConfig
 from .extras import missing_extra
 
 try:
+    import trl.trainer.utils as trl_utils
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 except ImportError as error:
@@ -50,6 +51,7 @@ class TrainSettings:
     gradient_checkpointing: bool = False  # TRL turns it on by default; it only pays off when memory is short
     precompute_ref_log_probs: bool = True  # DPO: the reference (adapter disabled) is fixed, so score it once
     cache_frozen_layers: bool = True  # run the frozen layers below the adapter once per sequence (frozen_prefix.py)
+    score_loss_positions_only: bool = True  # output layer only where the loss reads (loss_positions_only)
     extra: dict = field(default_factory=dict)  # any other TRL / Trainer argument
 
     def __post_init__(self):
@@ -97,17 +99,44 @@ def scaling_l1(model: torch.nn.Module) -> torch.Tensor:
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
+@contextlib.contextmanager
+def loss_positions_only(enabled: bool = True):
+    """While active, TRL's fused LM head runs the output layer only at the positions the loss reads, on every device.
+
+    TRL's trainers score ``model(..., labels=labels, fused_lm_head=True)`` (``trl.trainer.utils.add_fused_lm_head``):
+    on Triton devices (CUDA, XPU) only the rows whose label is not -100 go through the output layer and the
+    log-softmax; elsewhere every position does (fixed tile shapes, for backends that compile per shape). Nothing is
+    compiled on a CPU, so this takes TRL's compact path there too. The per-token log-probabilities are the same (each
+    row is scored on its own) and so are the losses and gradients; the saving is the output layer's share of the
+    prompt positions (49,152 words x 576 features per position for SmolLM2), forward and backward.
+    """
+    device_has_compact_path = getattr(trl_utils, "_use_triton", None)
+    if not enabled or device_has_compact_path is None:  # switched off, or a TRL without this dispatch
+        yield
+        return
+    trl_utils._use_triton = lambda device: device.type == "cpu" or device_has_compact_path(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = device_has_compact_path
+
+
 class LoFiTLossMixin:
-    """Adds ``l1_lambda * sum |A|`` to the trainer's loss (logged as ``l1``), and stops on a NaN/inf loss.
+    """Adds ``l1_lambda * sum |A|`` to the trainer's loss (logged as ``l1``), stops on a NaN/inf loss, and scores
+    only the loss positions (``loss_positions_only``) when ``score_loss_positions_only``.
 
     The check runs on every step, before the backward pass, so a bad batch never reaches the optimizer: the adapter
     in memory is still the last good one when the error is raised.
     """
 
-    l1_lambda: float = 0.0
+    def __init__(self, *args, l1_lambda: float = 0.0, score_loss_positions_only: bool = True, **kwargs):
+        # set before the trainer's __init__, which already scores the DPO reference
+        self.l1_lambda, self.score_loss_positions_only = l1_lambda, score_loss_positions_only
+        super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        with loss_positions_only(self.score_loss_positions_only):
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         loss, outputs = result if return_outputs else (result, None)
         if self.l1_lambda:
             penalty = self.l1_lambda * scaling_l1(model)
@@ -138,7 +167,12 @@ class LoFiTLossMixin:
 
 
 class LoFiTDPOTrainer(LoFiTLossMixin, DPOTrainer):
-    """TRL's DPOTrainer with the LoFiT L1 penalty and the NaN stop."""
+    """TRL's DPOTrainer with the LoFiT L1 penalty and the NaN stop; the reference pass also scores only the loss
+    positions."""
+
+    def compute_ref_log_probs(self, model, inputs):
+        with loss_positions_only(self.score_loss_positions_only):
+            return super().compute_ref_log_probs(model, inputs)
 
 
 class LoFiTSFTTrainer(LoFiTLossMixin, SFTTrainer):
@@ -184,8 +218,9 @@ def build_trainer(
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=callbacks,
+        l1_lambda=settings.l1_lambda,
+        score_loss_positions_only=settings.score_loss_positions_only,
     )
-    trainer.l1_lambda = settings.l1_lambda
     return trainer
 
 

@@ -13,20 +13,83 @@ DPO_ROWS = [
     {"prompt": "q: ab a:", "chosen": " yes", "rejected": " no"},
     {"prompt": "q: cd a:", "chosen": " b", "rejected": " c"},
 ] * 4
+SFT_ROWS = [{"prompt": f"q: {c}{c} a:", "completion": f" {c}"} for c in "abcdefgh"]
+ROWS = {"dpo": DPO_ROWS, "sft": SFT_ROWS}
 
 
-def dpo_run(tmp_path, name, heads=((0, 1), (1, 2)), with_trainer=False, **overrides):
-    """Two epochs of DPO on a tiny Llama; the logged losses and the trained vectors (and the trainer if asked)."""
+def dpo_run(
+    tmp_path, name, heads=((0, 1), (1, 2)), with_trainer=False, objective="dpo", family="llama", rows=None, **overrides
+):
+    """Two epochs of DPO (or SFT) on a tiny model, on ``rows`` (default ``ROWS[objective]``); the logged losses and
+    the trained vectors (and the trainer if asked)."""
     settings = TrainSettings(
         epochs=2, batch_size=4, learning_rate=1e-2, output_dir=str(tmp_path / name), logging_steps=1
     )
     for key, value in overrides.items():
         setattr(settings, key, value)
     config = LoFiTConfig(heads=[list(head) for head in heads])
-    model, trainer = train_adapter(tiny_model("llama"), tiny_tokenizer(), DPO_ROWS, "dpo", config, settings)
+    model, trainer = train_adapter(
+        tiny_model(family), tiny_tokenizer(), rows or ROWS[objective], objective, config, settings
+    )
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     offsets = {n: p.detach().clone() for n, p in model.named_parameters() if "lofit_" in n}
     return (losses, offsets, trainer) if with_trainer else (losses, offsets)
+
+
+def assert_same_run(run, reference):
+    """Same logged losses and the same trained vectors."""
+    torch.testing.assert_close(torch.tensor(run[0]), torch.tensor(reference[0]), atol=1e-6, rtol=1e-5)
+    for name, value in reference[1].items():
+        torch.testing.assert_close(run[1][name], value, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "family, objective, cache",
+    [(f, o, True) for f in ("llama", "gemma2", "gpt2") for o in ("dpo", "sft")] + [("llama", "dpo", False)],
+)
+def test_scoring_only_the_loss_positions_equals_scoring_every_position(tmp_path, family, objective, cache):
+    """Whole runs under gradient accumulation (2 micro-batches per step), with and without the frozen-layer cache
+    (heads in layer 1 of 2); gemma2 soft-caps its logits."""
+    common = dict(
+        heads=[[1, 2]], objective=objective, family=family, cache_frozen_layers=cache, batch_size=2,
+        extra={"gradient_accumulation_steps": 2},
+    )  # fmt: skip
+    every_position = dpo_run(tmp_path, "every", score_loss_positions_only=False, **common)
+    assert len(every_position[0]) == 4  # 8 rows / (2 x 2) = 2 steps per epoch
+    assert_same_run(dpo_run(tmp_path, "loss_positions", **common), every_position)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "sft"])
+def test_only_the_loss_positions_reach_the_output_layer(tmp_path, monkeypatch, objective):
+    """The rows given to TRL's log-probability function: one per completion token, against every position."""
+    import trl.trainer.utils as trl_utils
+
+    seen = []
+    function = trl_utils._ChunkedLogProbFunction
+
+    class Recorder:
+        @staticmethod
+        def apply(hidden_states, *args):
+            seen.append(hidden_states.shape[0])
+            return function.apply(hidden_states, *args)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Recorder)
+    rows = ROWS[objective][:2]
+    tokenizer = tiny_tokenizer()
+    completions = [[row["chosen"], row["rejected"]] if objective == "dpo" else [row["completion"]] for row in rows]
+    # the tiny tokenizer has one token per character, and TRL appends EOS to every completion
+    completion_tokens = sum(len(text) + 1 for pair in completions for text in pair)
+    runs = {}
+    for compact in (True, False):
+        seen.clear()
+        dpo_run(tmp_path, str(compact), objective=objective, rows=rows, batch_size=2, epochs=1,
+                score_loss_positions_only=compact)  # fmt: skip
+        runs[compact] = seen[-1]  # the one training step (DPO scores the reference before it)
+    lengths = [
+        len(tokenizer(row["prompt"] + text).input_ids) + 1 for row, pair in zip(rows, completions) for text in pair
+    ]
+    assert runs[True] == completion_tokens
+    assert runs[False] == len(lengths) * (max(lengths) - 1)
 
 
 def test_precomputed_reference_equals_reference_recomputed_each_step(tmp_path):
