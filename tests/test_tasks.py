@@ -111,6 +111,22 @@ def test_prefix_cache_gives_the_same_scores_as_full_prompts():
     assert fast == pytest.approx(slow, abs=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_mc_scores_equal_a_plain_forward_over_the_protocol_text(family):
+    """The scorer (shared prefix, output layer at answer positions only) against log-softmax over the full text."""
+    model, tokenizer = tiny_model(family), tiny_tokenizer()
+    instruction, primer = truthfulqa.read_prompt_files()
+    question, answers = "can pigs fly?", ["no.", "not really.", "yes they can."]
+    scores = truthfulqa.MultipleChoiceScorer(model, tokenizer, instruction, primer).score(question, answers)
+    for answer, score in zip(answers, scores):
+        ids = tokenizer(truthfulqa.mc_prompt(instruction, primer, question, answer)).input_ids
+        answer_tokens = len(" " + answer)  # one token per character; the first one reaching the answer is the space
+        with torch.no_grad():
+            log_probs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+        expected = sum(log_probs[t - 1, ids[t]].item() for t in range(len(ids) - answer_tokens, len(ids)))
+        assert score == pytest.approx(expected, abs=1e-4)
+
+
 def test_mquake_prompt_is_the_protocols():
     examples = mquake.load("train")
     assert len(examples) == 134

@@ -122,13 +122,15 @@ def mc_metrics(true_scores: list[float], false_scores: list[float], best_score: 
 
 
 class MultipleChoiceScorer:
-    """Sums the log-probabilities of each answer's tokens, sharing the instruction + primer prefix.
+    """Sums the log-probabilities of each answer's tokens; what all answers share is computed once.
 
     Every answer's text is tokenized whole, exactly as the protocol writes it, and its tokens are those that reach
-    into the answer's characters. When the tokens of the shared prefix (instruction, primer, ``"\n\nQ:"``) are the
-    same at the start of every sequence of a question, which holds for BPE tokenizers, the prefix's key/value cache
-    is computed once and reused; otherwise that question is scored from scratch. ``use_prefix_cache=False`` scores
-    everything from scratch; both paths see the same token ids.
+    into the answer's characters. When every sequence of a question starts with the tokens of the shared prefix
+    (instruction, primer, ``"\n\nQ:"``), which holds for BPE tokenizers, the prefix's key/value cache (computed once
+    for the whole split) is extended by the tokens the question's sequences have in common before the answers, and
+    only the rest is run per answer; otherwise that question is scored from scratch. The output layer runs only at
+    the positions that predict answer tokens (``logits_to_keep``, where the model takes it).
+    ``use_prefix_cache=False`` scores everything from scratch; both paths see the same token ids.
     """
 
     def __init__(self, model, tokenizer, instruction: str, primer: str, use_prefix_cache: bool = True):
@@ -141,15 +143,40 @@ class MultipleChoiceScorer:
         self._prefix_cache = None
         # transformers >= 5.3x names the argument `cache`; earlier 5.x releases `past_key_values`
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._cache_argument = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        parameters = inspect.signature(base.forward).parameters
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        self._keeps_logits = "logits_to_keep" in parameters
 
-    def _prefix_kv(self):
-        if self._prefix_cache is None:
-            prefix = torch.tensor([self.prefix_ids], device=self.model.device)
-            with torch.no_grad():
-                output = self.model(prefix, use_cache=True)
-            self._prefix_cache = getattr(output, "cache", None) or output.past_key_values
-        return copy.deepcopy(self._prefix_cache)  # forward appends to the cache; keep the original clean
+    def _logits_kept(self, count: int) -> dict:
+        return {"logits_to_keep": count} if self._keeps_logits else {}
+
+    def _cache_of(self, ids: list[int]):
+        """Key/value cache of ``ids`` (which start with the prefix): a copy of the prefix's, extended by the rest."""
+        device = self.model.device
+        with torch.no_grad():
+            if self._prefix_cache is None:
+                output = self.model(torch.tensor([self.prefix_ids], device=device), use_cache=True)
+                self._prefix_cache = getattr(output, "cache", None) or output.past_key_values
+            cache = copy.deepcopy(self._prefix_cache)  # forward appends to the cache; keep the original clean
+            rest = ids[len(self.prefix_ids) :]
+            if rest:
+                mask = torch.ones(1, len(ids), dtype=torch.long, device=device)
+                inputs = {self._cache_argument: cache, **self._logits_kept(1)}
+                self.model(torch.tensor([rest], device=device), attention_mask=mask, use_cache=True, **inputs)
+        return cache
+
+    def _shared_length(self, rows: list[tuple[list[int], int]]) -> int:
+        """How many leading tokens are computed once for all answers: those every sequence shares, up to the one
+        before the earliest answer token (the logits there predict it, so it is fed with the answers); 0 when the
+        sequences do not all start with the prefix."""
+        prefix = len(self.prefix_ids)
+        if not self.use_prefix_cache or any(ids[:prefix] != self.prefix_ids for ids, _ in rows):
+            return 0
+        limit, reference = min(first for _, first in rows) - 1, rows[0][0]
+        length = prefix
+        while length < limit and all(ids[length] == reference[length] for ids, _ in rows):
+            length += 1
+        return length
 
     def _tokens(self, question: str, answer: str) -> tuple[list[int], int]:
         """Token ids of the full scoring text, and the index of the first token that reaches into the answer."""
@@ -161,29 +188,29 @@ class MultipleChoiceScorer:
     def score(self, question: str, answers: list[str]) -> list[float]:
         """Summed log-probability of each answer (already normalised) given the prompt, in one batch."""
         rows = [self._tokens(question, answer) for answer in answers]
-        shared = len(self.prefix_ids)
-        cached = self.use_prefix_cache and all(ids[:shared] == self.prefix_ids for ids, _ in rows)
-        skip = shared if cached else 0  # tokens not fed in this batch (they are in the cache)
+        skip = self._shared_length(rows)  # tokens not fed in this batch (they are in the cache)
         suffixes = [ids[skip:] for ids, _ in rows]
         width = max(map(len, suffixes))
         pad = self.tokenizer.pad_token_id
         device = self.model.device
         input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in suffixes], device=device)  # (n, W)
         mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in suffixes], device=device)
+        start = min(first for _, first in rows) - skip - 1  # the first position whose logits are read
+        inputs = dict(attention_mask=mask, **self._logits_kept(width - start))
+        if skip:
+            cache = self._cache_of(rows[0][0][:skip])
+            cache.batch_repeat_interleave(len(rows))
+            inputs.update(attention_mask=torch.cat([mask.new_ones(len(rows), skip), mask], dim=1))  # (n, skip + W)
+            inputs[self._cache_argument] = cache
         with torch.no_grad():
-            if cached:
-                cache = self._prefix_kv()
-                cache.batch_repeat_interleave(len(rows))
-                full_mask = torch.cat([mask.new_ones(len(rows), shared), mask], dim=1)  # (n, shared + W)
-                logits = self.model(input_ids, attention_mask=full_mask, **{self._cache_argument: cache}).logits
-            else:
-                logits = self.model(input_ids, attention_mask=mask).logits  # (n, W, V)
+            logits = self.model(input_ids, **inputs).logits[:, -(width - start) :]  # (n, W - start, V)
         log_probs = logits.float().log_softmax(-1)
         scores = []
         for row, (ids, first) in enumerate(rows):
             positions = torch.arange(first - skip, len(ids) - skip, device=device)
             targets = input_ids[row, positions]
-            scores.append(log_probs[row, positions - 1, targets].sum().item())  # token t is predicted at t - 1
+            # token t is predicted at t - 1, which is row t - 1 - start of the kept logits
+            scores.append(log_probs[row, positions - 1 - start, targets].sum().item())
         return scores
 
 
