@@ -1,29 +1,19 @@
 """LoFiT under ``torchrun`` or ``accelerate launch``: every process trains its shard, the main process writes.
 
-The trainers (TRL / Trainer) set up the process group and the data sharding; a script around them needs three more
-things, which live here: the device of this process, who writes files and prints, and a clean end.
+The trainers (TRL / Trainer) shard the data; a script around them needs three more things: the device of this
+process, who writes files and prints, and a clean end. All three come from ``accelerate.PartialState`` (the state the
+trainers themselves use; the first call sets up the process group under a launcher).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
-import torch.distributed as dist
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+from accelerate import PartialState
 
 
 def is_main_process() -> bool:
-    """True in the process that writes files and prints (rank 0), and in a plain single-process run.
-
-    Before the trainer has created the process group, the launcher's ``RANK`` variable says it.
-    """
-    if is_distributed():
-        return dist.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
+    """True in the process that writes files and prints (rank 0), and in a plain single-process run."""
+    return PartialState().is_main_process
 
 
 def has_accelerator() -> bool:
@@ -33,16 +23,13 @@ def has_accelerator() -> bool:
 
 
 def local_device() -> torch.device:
-    """This process's GPU (``LOCAL_RANK``, 0 outside a launcher) where there is one, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    """This process's accelerator where there is one, else the CPU."""
+    return PartialState().device
 
 
 def barrier() -> None:
     """Wait until every process gets here (nothing to do in a single process)."""
-    if is_distributed():
-        dist.barrier()
+    PartialState().wait_for_everyone()
 
 
 def finish() -> None:
@@ -52,6 +39,7 @@ def finish() -> None:
     interpreter shutdown (gloo: SIGABRT, "terminate called without an active exception"), failing the whole launch
     after the work is done. Do not call it after an error: the other processes may be inside a collective.
     """
-    if is_distributed():
-        barrier()
-        dist.destroy_process_group()
+    state = PartialState()
+    if state.use_distributed:
+        state.wait_for_everyone()
+        state.destroy_process_group()

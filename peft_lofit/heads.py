@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from .extras import require
-from .io import atomic_write_text
+from .io import atomic_write_figure, atomic_write_text
 
 FORMAT_VERSION = 1
 
@@ -89,32 +89,26 @@ class HeadSelection:
 
     def heatmap(self, path, title: Optional[str] = None, k: Optional[int] = None) -> Path:
         """Layer x head heatmap of the scores as a PNG; the top ``k`` heads are outlined."""
-        matplotlib = require("matplotlib", "HeadSelection.heatmap")
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        require("matplotlib", "HeadSelection.heatmap")
         import numpy as np
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Rectangle
 
         width = max(len(row) for row in self.scores)
         grid = np.full((len(self.scores), width), np.nan)
         for layer, row in enumerate(self.scores):
             grid[layer, : len(row)] = row
-        figure, axes = plt.subplots(figsize=(2 + 0.35 * width, 1.5 + 0.25 * len(self.scores)))
+        figure = Figure(figsize=(2 + 0.35 * width, 1.5 + 0.25 * len(self.scores)))  # no pyplot: no global backend
+        axes = figure.subplots()
         image = axes.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
         for layer, head in self.top(k) if k else []:
-            axes.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
+            axes.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
         axes.set_xlabel("head")
         axes.set_ylabel("layer")
         axes.set_title(title or "LoFiT head scores ||A||")
         figure.colorbar(image, ax=axes)
         figure.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp.png")
-        figure.savefig(temporary, dpi=100)
-        plt.close(figure)
-        temporary.replace(path)
-        return path
+        return atomic_write_figure(path, figure)
 
 
 def resolve_k(total: int, k: Optional[int] = None, fraction: Optional[float] = None) -> int:

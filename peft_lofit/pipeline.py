@@ -9,7 +9,6 @@ import copy
 import json
 import platform
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -22,10 +21,12 @@ from .distributed import barrier, is_main_process
 from .heads import HeadSelection, random_heads
 from .io import atomic_write_json
 from .localize import localize
+from .markdown import markdown_table
 from .metrics_cache import cached_evaluation, metrics_cache_root
 from .publish import write_model_card
 from .search import SEARCH_SPLIT, SearchSpace, run_search
 from .tasks import get_task
+from .timing import timed
 from .training import TrainSettings, train_adapter
 from .tuner import LoFiTConfig
 from .tuner.model import find_projections
@@ -107,16 +108,15 @@ def select_heads(settings: PipelineSettings, model, tokenizer, rows, output: Pat
         k = settings.k or max(1, round(settings.fraction * sum(per_layer)))
         return random_heads(per_layer, k, seed=settings.seed), None
     if settings.heads == "learned":
-        start = time.perf_counter()
-        selection = localize(
-            model,
-            tokenizer,
-            rows,
-            get_task(settings.task).objective,
-            settings=settings.localize,
-            metadata={"task": settings.task, "model": settings.model or DEFAULT_MODEL},
-        )
-        timings["localize_s"] = time.perf_counter() - start
+        with timed(timings, "localize_s"):
+            selection = localize(
+                model,
+                tokenizer,
+                rows,
+                get_task(settings.task).objective,
+                settings=settings.localize,
+                metadata={"task": settings.task, "model": settings.model or DEFAULT_MODEL},
+            )
     else:
         selection = HeadSelection.load(settings.heads)
     heads = selection.top(k=settings.k) if settings.k else selection.top(fraction=settings.fraction)
@@ -186,17 +186,15 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
     timings: dict[str, float] = {}
     search = None
     if settings.l1_search:  # before loading: each trial loads (or copies) its own model
-        start = time.perf_counter()
-        search = choose_l1(settings, model, tokenizer)
-        timings["l1_search_s"] = time.perf_counter() - start
+        with timed(timings, "l1_search_s"):
+            search = choose_l1(settings, model, tokenizer)
         settings.heads, settings.localize.l1_lambda = search["head_selection"], search["best"]
     if model is None:
         model, tokenizer = load_model_and_tokenizer(settings.model)
     hyperparameters = None
     if settings.search is not None:
-        start = time.perf_counter()
-        hyperparameters = run_search(settings, settings.search, model, tokenizer)
-        timings["search_s"] = time.perf_counter() - start
+        with timed(timings, "search_s"):
+            hyperparameters = run_search(settings, settings.search, model, tokenizer)
         settings = with_best_trial(settings, hyperparameters)
     # the id the card names: the loaded model's own path says more than settings.model for a model passed in
     name_or_path = getattr(model, "name_or_path", "")
@@ -209,20 +207,16 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
     evaluation = dict(
         split=settings.eval_split, data_dir=settings.data_dir, fold=settings.fold, limit=settings.eval_limit
     )
-    start = time.perf_counter()
-    base_metrics, base_reused = evaluate_base(settings, task, model, tokenizer, evaluation)
-    timings["eval_base_s"] = time.perf_counter() - start
+    with timed(timings, "eval_base_s"):
+        base_metrics, base_reused = evaluate_base(settings, task, model, tokenizer, evaluation)
 
     config = LoFiTConfig(heads=heads, use_offset=True, use_scaling=settings.train_both_vectors, init_weights=True)
-    start = time.perf_counter()
-    peft_model, _ = train_adapter(model, tokenizer, rows, task.objective, config, settings.train)
-    timings["train_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    lofit_metrics = task.evaluate(
-        peft_model, tokenizer, batch_size=settings.eval_batch_size, desc="LoFiT model", **evaluation
-    )
-    timings["eval_lofit_s"] = time.perf_counter() - start
+    with timed(timings, "train_s"):
+        peft_model, _ = train_adapter(model, tokenizer, rows, task.objective, config, settings.train)
+    with timed(timings, "eval_lofit_s"):
+        lofit_metrics = task.evaluate(
+            peft_model, tokenizer, batch_size=settings.eval_batch_size, desc="LoFiT model", **evaluation
+        )
 
     trainable, _ = peft_model.get_nb_trainable_parameters()
     results = {
@@ -295,12 +289,12 @@ def _jsonable(value):
 def results_table(results: dict) -> str:
     """A small Markdown table of base vs LoFiT on the task's metrics."""
     metrics = get_task(results["task"]).metrics
-    lines = [
-        "| model | " + " | ".join(metrics) + " | trained numbers |",
-        "|---|" + "---|" * (len(metrics) + 1),
-        "| base | " + " | ".join(f"{results['base'][m]:.3f}" for m in metrics) + " | 0 |",
-        f"| LoFiT (K = {results['num_heads_selected']}) | "
-        + " | ".join(f"{results['lofit'][m]:.3f}" for m in metrics)
-        + f" | {results['trainable_parameters']:,} |",
+    rows = [
+        ("base", *(f"{results['base'][m]:.3f}" for m in metrics), 0),
+        (
+            f"LoFiT (K = {results['num_heads_selected']})",
+            *(f"{results['lofit'][m]:.3f}" for m in metrics),
+            f"{results['trainable_parameters']:,}",
+        ),
     ]
-    return "\n".join(lines)
+    return markdown_table(("model", *metrics, "trained numbers"), rows)

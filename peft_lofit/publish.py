@@ -14,17 +14,16 @@ from typing import Optional
 from .checkpoint import CARD_FILE, validate_adapter_folder
 from .default_model import is_hub_id
 from .io import atomic_write_text
+from .markdown import markdown_table
 
 
 def _front_matter(base_model: Optional[str], task: Optional[str]) -> str:
-    lines = ["---", "library_name: peft"]
-    if base_model:
-        lines.append(f"base_model: {base_model}")
-    lines += ["tags:", "- peft", "- lofit", "- peft_lofit"]
-    if task:
-        lines.append(f"- {task}")
-    lines.append("---")
-    return "\n".join(lines)
+    """The card's YAML metadata block (what the Hub indexes), written by ``huggingface_hub.ModelCardData``."""
+    from huggingface_hub import ModelCardData
+
+    tags = ["peft", "lofit", "peft_lofit"] + ([task] if task else [])
+    data = ModelCardData(library_name="peft", base_model=base_model, tags=tags)
+    return f"---\n{data.to_yaml()}\n---"
 
 
 def _heads_line(metrics: dict) -> str:
@@ -116,17 +115,13 @@ def model_card(config: dict, metrics: Optional[dict] = None, repo_id: Optional[s
         parts += [
             "## Results",
             f"{metrics.get('settings', {}).get('eval_split', 'test')} split, {metrics['lofit'].get('n')} examples:",
-            "| model | "
-            + " | ".join(names)
-            + " |\n|---|"
-            + "---|" * len(names)
-            + "\n"
-            + "| base | "
-            + " | ".join(f"{metrics['base'][n]:.3f}" for n in names)
-            + " |\n"
-            + "| LoFiT | "
-            + " | ".join(f"{metrics['lofit'][n]:.3f}" for n in names)
-            + " |",
+            markdown_table(
+                ("model", *names),
+                [
+                    (model, *(f"{metrics[key][n]:.3f}" for n in names))
+                    for model, key in (("base", "base"), ("LoFiT", "lofit"))
+                ],
+            ),
         ]
     parts.append("Made with [peft_lofit](https://pypi.org/project/peft_lofit/).")
     return "\n\n".join(parts) + "\n"
@@ -140,8 +135,9 @@ def write_model_card(folder, metrics: Optional[dict] = None, repo_id: Optional[s
 
 
 def push_adapter(folder, repo_id: str, private: bool = False, token: Optional[str] = None, metrics_file=None):
-    """Create ``repo_id`` on the Hub (if needed) and upload the adapter folder with a fresh model card."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    """Create ``repo_id`` on the Hub (if needed) and upload the adapter folder (hidden files left out) with a fresh
+    model card."""
+    from huggingface_hub import HfApi
 
     folder = Path(folder)
     metrics = None
@@ -149,10 +145,8 @@ def push_adapter(folder, repo_id: str, private: bool = False, token: Optional[st
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
     write_model_card(folder, metrics, repo_id)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-    operations = [
-        CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files
-    ]
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    return api.create_commit(repo_id, operations=operations, commit_message="Upload LoFiT adapter")
+    return api.upload_folder(
+        repo_id=repo_id, folder_path=folder, commit_message="Upload LoFiT adapter", ignore_patterns=[".*", "**/.*"]
+    )

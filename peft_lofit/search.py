@@ -14,12 +14,13 @@ from __future__ import annotations
 import copy
 import itertools
 import random
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from .io import atomic_write_json, atomic_write_text
+from .markdown import markdown_table
+from .timing import timed
 
 SEARCH_SPLIT = "val"
 
@@ -95,13 +96,18 @@ def _strategy(space: SearchSpace, settings, tried: int) -> str:
 
 def trials_table(trials: list[dict], metric: str) -> str:
     """The trials as a Markdown table, best first."""
-    lines = [f"| lambda | K | learning rate | epochs | val {metric} | seconds |", "|---|---|---|---|---|---|"]
-    for trial in sorted(trials, key=lambda row: -row["score"]):
-        lines.append(
-            f"| {trial['l1']:g} | {trial['k']} | {trial['learning_rate']:g} | {trial['epochs']:g} | "
-            f"{trial['score']:.4f} | {trial['seconds']:.0f} |"
+    rows = [
+        (
+            f"{t['l1']:g}",
+            t["k"],
+            f"{t['learning_rate']:g}",
+            f"{t['epochs']:g}",
+            f"{t['score']:.4f}",
+            f"{t['seconds']:.0f}",
         )
-    return "\n".join(lines) + "\n"
+        for t in sorted(trials, key=lambda row: -row["score"])
+    ]
+    return markdown_table(("lambda", "K", "learning rate", "epochs", f"val {metric}", "seconds"), rows) + "\n"
 
 
 def run_search(settings, space: SearchSpace, model, tokenizer) -> dict:
@@ -116,21 +122,22 @@ def run_search(settings, space: SearchSpace, model, tokenizer) -> dict:
     heads_files = {}
     trials = []
     for index, point in enumerate(points):
+        seconds = {}
         if point["l1"] not in heads_files:
-            start = time.perf_counter()
-            heads_files[point["l1"]] = _localize_once(
-                settings, point["l1"], model, tokenizer, rows, root / f"l1_{point['l1']:g}"
-            )
-            point = {**point, "localize_seconds": round(time.perf_counter() - start, 1)}
-        start = time.perf_counter()
+            with timed(seconds, "localize"):
+                heads_files[point["l1"]] = _localize_once(
+                    settings, point["l1"], model, tokenizer, rows, root / f"l1_{point['l1']:g}"
+                )
+            point = {**point, "localize_seconds": round(seconds["localize"], 1)}
         trial = _trial_settings(settings, point, heads_files[point["l1"]], root / f"trial_{index:03d}")
-        result = run_pipeline(trial, copy.deepcopy(model), tokenizer)
+        with timed(seconds, "trial"):
+            result = run_pipeline(trial, copy.deepcopy(model), tokenizer)
         trials.append(
             {
                 **point,
                 "k": result["num_heads_selected"],
                 "score": result["lofit"][task.selection_metric],
-                "seconds": round(time.perf_counter() - start, 1),
+                "seconds": round(seconds["trial"], 1),
                 "output_dir": trial.output_dir,
             }
         )

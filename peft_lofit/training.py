@@ -20,9 +20,9 @@ from peft import PeftConfig
 from .extras import missing_extra
 
 try:
-    import trl.trainer.utils as trl_utils
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+    from trl.trainer import utils as trl_utils
 except ImportError as error:
     raise missing_extra(error, "Training (localize, train_adapter, lofit)") from error
 

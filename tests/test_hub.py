@@ -80,15 +80,15 @@ def test_push_uploads_adapter_heads_and_card(run_folder, monkeypatch, capsys):
     def create_repo(self, repo_id, **kwargs):
         calls["repo"] = (repo_id, kwargs.get("private"))
 
-    def create_commit(self, repo_id, operations, **kwargs):
-        calls["files"] = {op.path_in_repo: op.path_or_fileobj for op in operations}
-        calls["commit"] = kwargs.get("commit_message")
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        calls["upload"] = (repo_id, Path(folder_path), kwargs.get("ignore_patterns"))
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     assert cli.main(["push", str(output / "adapter"), "--repo-id", REPO, "--private"]) == 0
     assert calls["repo"] == (REPO, True)
-    assert HUB_FILES <= set(calls["files"])
+    assert calls["upload"] == (REPO, output / "adapter", [".*", "**/.*"])
+    assert HUB_FILES <= {p.name for p in (output / "adapter").iterdir()}
     card = (output / "adapter" / "README.md").read_text()
     assert f"PeftModel.from_pretrained(base, {REPO!r})" in card
     metadata = ModelCard(card).data.to_dict()
