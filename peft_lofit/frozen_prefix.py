@@ -9,7 +9,9 @@ every epoch, for the policy and for the DPO reference (adapter disabled). ``Froz
   token); afterwards the frozen layers are skipped for any batch whose sequences are all cached.
 
 A sequence is identified by its real tokens and their positions, so the cache is independent of how batches are
-padded (left or right) or shuffled: a real token only attends to real tokens at earlier positions. The results equal
+padded (left or right) or shuffled: a real token only attends to real tokens at earlier positions. Rows with a 4-D
+mask and explicit positions (``shared_prompt``'s packed DPO pairs) are identified by their real tokens, positions and
+who attends whom among them. The results equal
 the plain forward up to float rounding (tested: losses, gradients and whole training runs).
 
 The cache is used only while it is exact: nothing trainable and no PEFT module outside the layers from the boundary
@@ -162,7 +164,8 @@ class FrozenPrefixCache:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         stochastic = any(m.training for m in self._stochastic)
         mask = kwargs.get("attention_mask")
-        custom_mask = mask is not None and mask.dim() != 2  # 4-D masks: positions are not a padding pattern
+        # a 4-D mask says who attends whom, not where the positions are: only with explicit position ids
+        custom_mask = mask is not None and mask.dim() != 2 and (mask.dim() != 4 or kwargs.get("position_ids") is None)
         if (
             input_ids is None
             or kwargs.get("inputs_embeds") is not None
@@ -236,14 +239,30 @@ def _uses_kv_cache(kwargs: dict) -> bool:
 
 
 def _sequence_keys(input_ids: torch.Tensor, attention_mask, position_ids) -> tuple[list[bytes], list[torch.Tensor]]:
-    """Per row: a key made of the real tokens and their positions, and the boolean mask of the real tokens."""
+    """Per row: a key made of the real tokens and their positions, and the boolean mask of the real tokens.
+
+    With a 2-D (padding) mask a real token attends to the real tokens before it. With a 4-D mask (boolean, or
+    additive with 0 where allowed; e.g. ``shared_prompt``'s packed pairs) the real tokens are those that attend to
+    themselves (padding must not), and the key also holds who attends whom among them.
+    """
     ids = input_ids.detach().cpu().long()
-    mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
+    pattern = None
+    if attention_mask is None:
+        mask = torch.ones_like(ids, dtype=torch.bool)
+    elif attention_mask.dim() == 4:
+        pattern = attention_mask[:, 0].detach().cpu()
+        pattern = pattern if pattern.dtype == torch.bool else pattern == 0  # (B, T, T)
+        mask = pattern.diagonal(dim1=1, dim2=2)
+    else:
+        mask = attention_mask.detach().cpu().bool()
     positions = None if position_ids is None else position_ids.detach().cpu().long().expand_as(ids)
     keys, real = [], []
     for row in range(ids.shape[0]):
         where = mask[row]
         index = torch.nonzero(where).flatten() if positions is None else positions[row][where]
-        keys.append(ids[row][where].numpy().tobytes() + b"|" + index.numpy().tobytes())
+        key = ids[row][where].numpy().tobytes() + b"|" + index.numpy().tobytes()
+        if pattern is not None:
+            key += b"|" + pattern[row][where][:, where].numpy().tobytes()
+        keys.append(key)
         real.append(where.to(input_ids.device))
     return keys, real

@@ -28,6 +28,7 @@ except ImportError as error:
 
 from .distributed import has_accelerator, is_main_process
 from .frozen_prefix import FrozenPrefixCache
+from .shared_prompt import prompt_once_per_pair
 
 OBJECTIVES = ("dpo", "sft")
 
@@ -52,6 +53,7 @@ class TrainSettings:
     precompute_ref_log_probs: bool = True  # DPO: the reference (adapter disabled) is fixed, so score it once
     cache_frozen_layers: bool = True  # run the frozen layers below the adapter once per sequence (frozen_prefix.py)
     score_loss_positions_only: bool = True  # output layer only where the loss reads (loss_positions_only)
+    share_prompts: bool = True  # DPO: each pair's prompt runs once (shared_prompt.py)
     extra: dict = field(default_factory=dict)  # any other TRL / Trainer argument
 
     def __post_init__(self):
@@ -129,13 +131,25 @@ class LoFiTLossMixin:
     in memory is still the last good one when the error is raised.
     """
 
-    def __init__(self, *args, l1_lambda: float = 0.0, score_loss_positions_only: bool = True, **kwargs):
+    def __init__(
+        self,
+        *args,
+        l1_lambda: float = 0.0,
+        score_loss_positions_only: bool = True,
+        share_prompts: bool = True,
+        **kwargs,
+    ):
         # set before the trainer's __init__, which already scores the DPO reference
         self.l1_lambda, self.score_loss_positions_only = l1_lambda, score_loss_positions_only
+        self.share_prompts = share_prompts
         super().__init__(*args, **kwargs)
 
+    def _exact_speedups(self):
+        """The context every scoring call runs in (TRL's trainers score through their fused LM head)."""
+        return loss_positions_only(self.score_loss_positions_only)
+
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
-        with loss_positions_only(self.score_loss_positions_only):
+        with self._exact_speedups():
             result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         loss, outputs = result if return_outputs else (result, None)
         if self.l1_lambda:
@@ -167,11 +181,18 @@ class LoFiTLossMixin:
 
 
 class LoFiTDPOTrainer(LoFiTLossMixin, DPOTrainer):
-    """TRL's DPOTrainer with the LoFiT L1 penalty and the NaN stop; the reference pass also scores only the loss
-    positions."""
+    """TRL's DPOTrainer with the LoFiT L1 penalty and the NaN stop; with ``share_prompts`` each pair's prompt runs
+    once (``shared_prompt.prompt_once_per_pair``). The reference pass gets the same speed-ups."""
+
+    @contextlib.contextmanager
+    def _exact_speedups(self):
+        model = self.accelerator.unwrap_model(self.model)
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        with super()._exact_speedups(), prompt_once_per_pair(model, self.share_prompts):
+            yield
 
     def compute_ref_log_probs(self, model, inputs):
-        with loss_positions_only(self.score_loss_positions_only):
+        with self._exact_speedups():
             return super().compute_ref_log_probs(model, inputs)
 
 
@@ -220,6 +241,7 @@ def build_trainer(
         callbacks=callbacks,
         l1_lambda=settings.l1_lambda,
         score_loss_positions_only=settings.score_loss_positions_only,
+        share_prompts=settings.share_prompts,
     )
     return trainer
 

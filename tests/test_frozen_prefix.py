@@ -198,7 +198,7 @@ def test_dpo_training_with_the_cache_equals_training_without(tmp_path):
     plain_losses, plain_offsets = dpo_run(tmp_path, "plain", cache_frozen_layers=False, heads=[[1, 2]])
     losses, offsets, trainer = dpo_run(tmp_path, "cached", cache_frozen_layers=True, heads=[[1, 2]], with_trainer=True)
     stats = trainer.frozen_prefix_stats
-    assert (stats.misses, stats.hits, stats.cached_sequences) == (1, 3, 4)  # 2 prompts x chosen/rejected
+    assert (stats.misses, stats.hits, stats.cached_sequences) == (1, 3, 2)  # 2 pairs, one packed row each
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain_losses), atol=1e-6, rtol=1e-5)
     for name, value in offsets.items():
         torch.testing.assert_close(value, plain_offsets[name], atol=1e-6, rtol=1e-5)

@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 
 from peft_lofit import LoFiTConfig
+from peft_lofit.shared_prompt import pack_pairs
 from peft_lofit.training import TrainSettings, train_adapter
 
 DPO_ROWS = [
@@ -83,7 +84,7 @@ def test_only_the_loss_positions_reach_the_output_layer(tmp_path, monkeypatch, o
     for compact in (True, False):
         seen.clear()
         dpo_run(tmp_path, str(compact), objective=objective, rows=rows, batch_size=2, epochs=1,
-                score_loss_positions_only=compact)  # fmt: skip
+                score_loss_positions_only=compact, share_prompts=False)  # fmt: skip
         runs[compact] = seen[-1]  # the one training step (DPO scores the reference before it)
     lengths = [
         len(tokenizer(row["prompt"] + text).input_ids) + 1 for row, pair in zip(rows, completions) for text in pair
@@ -138,3 +139,81 @@ def test_no_backward_below_the_lowest_selected_layer(inputs):
     model(inputs, labels=inputs).loss.backward()
     assert reached == [1]
     assert next(p for n, p in model.named_parameters() if "lofit_offset" in n).grad is not None
+
+
+# ------------------------------------------------------------------------------------------ prompt once per pair
+def test_a_pair_packs_into_one_row_sharing_its_prompt():
+    """Prompt [5, 6, 7], chosen [8, 9], rejected [10] (right-padded to 5), worked out by hand."""
+    input_ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 10, 0]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    labels = torch.tensor([[-100, -100, -100, 8, 9], [-100, -100, -100, 10, -100]])
+    packed = pack_pairs(input_ids, attention_mask, labels)
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 7, 10]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3]]
+    assert packed.shift_labels.tolist() == [[-100, -100, 8, 9, -100, 10, -100]]
+    allowed = [
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 0, 1, 0],  # the repeated last prompt token: the prompt before it, and itself
+        [1, 1, 0, 0, 0, 1, 1],
+    ]
+    assert packed.allowed.int().tolist() == [allowed]
+    # TRL's shifted layout: chosen predicts 8 at 2 and 9 at 3; rejected predicts 10 at 2 (packed position 5)
+    assert packed.valid.int().tolist() == [[0, 0, 1, 1], [0, 0, 1, 0]]
+    scores = torch.arange(7.0)[None]  # a per-position value: its packed index
+    assert packed.unpack(scores).tolist() == [[0, 0, 2, 3], [0, 0, 5, 0]]
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["prompt tokens differ", "prompt lengths differ", "left padding", "odd rows"],
+)
+def test_batches_without_the_pair_structure_are_not_packed(change):
+    input_ids = torch.tensor([[5, 6, 8], [5, 6, 9]])
+    attention_mask = torch.ones(2, 3, dtype=torch.long)
+    labels = torch.tensor([[-100, -100, 8], [-100, -100, 9]])
+    assert pack_pairs(input_ids, attention_mask, labels) is not None
+    if change == "prompt tokens differ":
+        input_ids = torch.tensor([[5, 6, 8], [5, 7, 9]])
+    elif change == "prompt lengths differ":
+        labels = torch.tensor([[-100, -100, 8], [-100, 6, 9]])
+    elif change == "left padding":
+        input_ids, attention_mask = torch.tensor([[0, 5, 8], [0, 5, 9]]), torch.tensor([[0, 1, 1], [0, 1, 1]])
+        labels = torch.tensor([[-100, -100, 8], [-100, -100, 9]])
+    else:
+        input_ids, attention_mask, labels = input_ids[:1], attention_mask[:1], labels[:1]
+    assert pack_pairs(input_ids, attention_mask, labels) is None
+
+
+@pytest.mark.parametrize(
+    "family, cache, packs",
+    [("llama", True, True), ("llama", False, True), ("gpt2", True, True), ("gpt_neox", True, True)]
+    + [("qwen2", True, True), ("mistral", True, True), ("opt", True, False), ("gemma2", True, False)],
+)
+def test_prompt_once_per_pair_equals_the_plain_dpo_path(tmp_path, monkeypatch, family, cache, packs):
+    """Whole DPO runs under gradient accumulation, with and without the frozen-layer cache (heads in layer 1 of 2).
+    OPT (positions from the mask) and Gemma 2 (sliding-window layers) run the plain path."""
+    import peft_lofit.shared_prompt as shared_prompt
+
+    packed_batches, pack = [], shared_prompt.pack_pairs
+
+    def recording_pack_pairs(*args):
+        packed_batches.append(pack(*args))
+        return packed_batches[-1]
+
+    common = dict(
+        heads=[[1, 2]], family=family, cache_frozen_layers=cache, batch_size=2,
+        extra={"gradient_accumulation_steps": 2},
+    )  # fmt: skip
+    plain = dpo_run(tmp_path, "plain", share_prompts=False, **common)
+    monkeypatch.setattr("peft_lofit.shared_prompt.pack_pairs", recording_pack_pairs)
+    shared = dpo_run(tmp_path, "shared", with_trainer=True, **common)
+    assert_same_run(shared, plain)
+    # the reference pass (2 batches of 2 x 2 pairs) and 2 epochs of 4 micro-batches
+    assert len(packed_batches) == (10 if packs else 0) and all(batch is not None for batch in packed_batches)
+    stats = shared[2].frozen_prefix_stats
+    if cache and packs:
+        assert stats.hits > 0 and stats.bypassed == 0  # packed rows are cached too
