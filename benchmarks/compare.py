@@ -257,8 +257,9 @@ class EpochTimer(TrainerCallback):
         self.epoch_s.append(time.perf_counter() - self._start)
 
 
-# lora_r8 is TRL's own DPO path (the output layer on every position on CPU); every other variant uses the project's
-# trainer as users get it (output layer on the loss positions only), lora_r8_fast shows that part of the gain alone.
+# lora_r8 is TRL's own DPO path (on CPU the output layer runs on every position, every prompt twice); every other
+# variant uses the project's trainer as users get it (output layer on the loss positions only, each pair's prompt
+# once); lora_r8_fast shows that part of the gain alone.
 SPEED_VARIANTS = ("lofit_step1", "lora_r8", "lora_r8_fast", "lofit_step2_plain", "lofit_step2_cached")
 
 
@@ -283,7 +284,7 @@ def training_speed(args) -> dict:
             model, _ = load_model_and_tokenizer(args.model)
             timer, saved = EpochTimer(), SavedActivations()
             settings = train_settings(args, args.seeds[0], Path(args.output) / "tmp", args.lofit_lr)
-            settings.score_loss_positions_only = variant != "lora_r8"
+            settings.score_loss_positions_only = settings.share_prompts = variant != "lora_r8"
             start = time.perf_counter()
             found = trainer = None
             with PeakMemory() as memory, saved:
