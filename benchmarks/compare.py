@@ -34,14 +34,14 @@ from peft import IA3Config, LoraConfig
 from transformers import TrainerCallback
 
 from peft_lofit import LoFiTConfig
+from peft_lofit.app.default_model import load_model_and_tokenizer
+from peft_lofit.app.pipeline import heads_per_layer
+from peft_lofit.app.tasks import get_task
 from peft_lofit.checkpoint import save_adapter
-from peft_lofit.default_model import load_model_and_tokenizer
-from peft_lofit.heads import HeadSelection, random_heads, resolve_k
 from peft_lofit.io import atomic_write_json, atomic_write_text
 from peft_lofit.localize import localize
-from peft_lofit.pipeline import heads_per_layer
-from peft_lofit.tasks import get_task
 from peft_lofit.training import TrainSettings, train_adapter
+from peft_lofit.training.heads import HeadSelection, random_heads, resolve_k
 
 METHODS = (
     "base",
@@ -345,7 +345,7 @@ def eval_cache_speedup(model, tokenizer, args, questions: int) -> dict:
 
     Alternating order, one warm-up question; returns both times, their ratio and the largest score difference.
     """
-    from peft_lofit.tasks.truthfulqa import evaluate_mc, load_truthfulqa
+    from peft_lofit.app.tasks.truthfulqa import evaluate_mc, load_truthfulqa
 
     items = load_truthfulqa("test", fold=args.fold, data_dir=args.data_dir)[:questions]
     evaluate_mc(model, tokenizer, items[:1], data_dir=args.data_dir, desc="warm-up")
@@ -496,7 +496,7 @@ def iti_probe_data(model, tokenizer, args, limit: Optional[int], cache: dict):
 
 def _collect_iti_probes(model, tokenizer, args, limit: Optional[int]):
     from peft_lofit import baselines
-    from peft_lofit.tasks.truthfulqa import load_truthfulqa
+    from peft_lofit.app.tasks.truthfulqa import load_truthfulqa
 
     if args.task != "truthfulqa":
         raise ValueError("ITI probes are trained on TruthfulQA true/false answers; use --task truthfulqa.")
@@ -516,7 +516,7 @@ def computed_adapter(method: str, model, tokenizer, args, k: int, limit: Optiona
     """ITI (top-k heads by probe accuracy, offsets alpha * sigma * theta) or RepE-style reading vectors, from the
     first ``limit`` training (and validation) questions."""
     from peft_lofit import baselines
-    from peft_lofit.tasks.truthfulqa import load_truthfulqa
+    from peft_lofit.app.tasks.truthfulqa import load_truthfulqa
 
     if method == "iti":
         selection, train_x, train_y = iti_probe_data(model, tokenizer, args, limit, cache)

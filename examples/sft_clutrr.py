@@ -7,7 +7,7 @@ The same `run_pipeline` drives `lofit run`; PipelineSettings holds every hyperpa
 
 import argparse
 
-from peft_lofit.pipeline import PipelineSettings, results_table, run_pipeline
+from peft_lofit.app.pipeline import PipelineSettings, results_table, run_pipeline
 from peft_lofit.training import TrainSettings
 
 

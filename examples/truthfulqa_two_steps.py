@@ -11,10 +11,10 @@ import argparse
 from peft import PeftModel
 
 from peft_lofit import LoFiTConfig
-from peft_lofit.default_model import load_model_and_tokenizer
+from peft_lofit.app.default_model import load_model_and_tokenizer
+from peft_lofit.app.tasks import get_task
 from peft_lofit.distributed import finish, is_main_process
 from peft_lofit.localize import localize
-from peft_lofit.tasks import get_task
 from peft_lofit.training import TrainSettings, train_adapter
 
 

@@ -22,7 +22,7 @@ from peft import get_peft_model
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from .heads import HeadSelection
+from .training.heads import HeadSelection
 from .tuner.config import LoFiTConfig
 from .tuner.layer import LoFiTLayer
 from .tuner.model import find_projections

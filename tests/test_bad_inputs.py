@@ -162,7 +162,7 @@ def test_second_adapter_with_other_geometry():
 
 
 def test_cli_reports_expected_errors_in_one_line_and_bugs_with_a_traceback(monkeypatch, capsys):
-    from peft_lofit import cli
+    from peft_lofit.app import cli
 
     monkeypatch.setitem(cli.COMMANDS, "eval", lambda args: (_ for _ in ()).throw(ValueError("bad input\nmore")))
     assert cli.main(["eval"]) == 2

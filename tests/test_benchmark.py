@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import tiny_model_folder
 
-from peft_lofit.heads import HeadSelection
+from peft_lofit.training.heads import HeadSelection
 
 spec = importlib.util.spec_from_file_location("compare", Path(__file__).parents[1] / "benchmarks" / "compare.py")
 compare = importlib.util.module_from_spec(spec)

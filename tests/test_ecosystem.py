@@ -112,7 +112,7 @@ def test_lofit_run_under_torchrun_equals_single_process_and_writes_once(tmp_path
     ]
     assert cli.main([*common, "--batch-size", "4", "--output", str(tmp_path / "single")]) == 0
     result = launch(
-        [*TORCHRUN, "-m", "peft_lofit.cli", *common, "--batch-size", "2", "--output", str(tmp_path / "ddp")]
+        [*TORCHRUN, "-m", "peft_lofit.app.cli", *common, "--batch-size", "2", "--output", str(tmp_path / "ddp")]
     )
     assert result.stdout.count("| LoFiT (K = 2) |") == 1  # printed by the main process only
     single, double = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("single", "ddp"))

@@ -9,7 +9,7 @@ from peft import get_peft_model
 from test_training import dpo_run
 
 from peft_lofit import LoFiTConfig
-from peft_lofit.frozen_prefix import FrozenPrefixCache
+from peft_lofit.training.frozen_prefix import FrozenPrefixCache
 
 FAMILIES = ["llama", "gemma2", "gpt2", "gpt_neox", "opt"]
 HEADS = [[2, 1], [3, 0]]  # the lowest adapted layer is 2 of 4

@@ -11,10 +11,10 @@ from conftest import tiny_model, tiny_tokenizer
 from huggingface_hub import HfApi, ModelCard
 from peft import PeftModel
 
-from peft_lofit import cli
-from peft_lofit.default_model import DEFAULT_MODEL_SOURCE, describe_base_model
-from peft_lofit.pipeline import PipelineSettings, run_pipeline
-from peft_lofit.publish import model_card
+from peft_lofit.app import cli
+from peft_lofit.app.default_model import DEFAULT_MODEL_SOURCE, describe_base_model
+from peft_lofit.app.pipeline import PipelineSettings, run_pipeline
+from peft_lofit.app.publish import model_card
 from peft_lofit.training import TrainSettings
 
 REPO = "someone/tiny-lofit"

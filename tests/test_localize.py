@@ -10,9 +10,9 @@ from conftest import projection_of, tiny_model, tiny_tokenizer
 from peft import get_peft_model
 
 from peft_lofit import LoFiTConfig, LoFiTLayer
-from peft_lofit.heads import HeadSelection, random_heads, resolve_k
 from peft_lofit.localize import localize
 from peft_lofit.training import TrainSettings, build_trainer, scaling_l1
+from peft_lofit.training.heads import HeadSelection, random_heads, resolve_k
 
 TARGET_HEAD = (1, 2)
 LETTERS = "abcdefghijklmnopqrstuvwxyz"

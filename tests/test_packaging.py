@@ -18,8 +18,8 @@ from peft import get_peft_model
 import peft_lofit
 from peft_lofit import LoFiTConfig
 from peft_lofit.checkpoint import save_adapter
-from peft_lofit.heads import HeadSelection
 from peft_lofit.io import atomic_write_json
+from peft_lofit.training.heads import HeadSelection
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_ONLY = ("trl", "datasets", "gguf", "matplotlib")  # accelerate, huggingface_hub, tqdm come with peft itself
@@ -66,7 +66,7 @@ print("ok")
 
 
 def test_a_missing_extra_is_one_line_naming_it(tmp_path):
-    code = BLOCK_OPTIONAL_IMPORTS + "from peft_lofit import cli\nraise SystemExit(cli.main(['localize']))"
+    code = BLOCK_OPTIONAL_IMPORTS + "from peft_lofit.app import cli\nraise SystemExit(cli.main(['localize']))"
     result = run_python(code, tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
@@ -117,19 +117,55 @@ def test_written_files_are_readable_like_a_plain_save(tmp_path, umask_022):
     assert mode(HeadSelection(scores=[[0.1, 0.2]]).save(tmp_path / "heads.json")) == 0o644
 
 
-def test_the_tuner_imports_nothing_from_the_rest_of_the_package():
-    """peft_lofit.tuner is the PEFT method alone: its modules import each other and third-party packages only."""
-    tuner = Path(peft_lofit.__file__).parent / "tuner"
-    outside = []
-    for path in sorted(tuner.glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and (node.level > 1 or (node.module or "").startswith("peft_lofit")):
-                outside.append(f"{path.name}: from {'.' * node.level}{node.module or ''} import ...")
-            if isinstance(node, ast.Import):
-                outside += [
-                    f"{path.name}: import {alias.name}" for alias in node.names if alias.name.startswith("peft_lofit")
-                ]
-    assert outside == []
+SUPPORT = {"io", "checkpoint", "extras", "distributed", "timing", "markdown"}  # shared helpers at the top level
+# part of the package -> the parts its modules may import (app, the application, may import everything)
+MAY_IMPORT = {
+    "tuner": {"tuner"},
+    "support": {"support"},
+    "training": {"tuner", "support", "training"},
+    "baselines": {"tuner", "support", "training"},
+    "localize": {"training"},  # the public re-export of step 1
+}
+
+
+def part_of(module: str) -> str:
+    """``peft_lofit.training.heads`` -> ``training``; top-level helpers are ``support``."""
+    first = module.split(".")[1] if "." in module else ""
+    return "support" if first in SUPPORT else first
+
+
+def peft_lofit_imports(path: Path) -> list[str]:
+    """The peft_lofit modules a file imports, relative imports resolved."""
+    root = Path(peft_lofit.__file__).parent.parent
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    package = parts[:-1]  # the package the file is in (for __init__.py the package itself)
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[: len(package) - node.level + 1]
+            found.append(".".join(base + ([node.module] if node.module else [])))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("peft_lofit"):
+            found.append(node.module)
+        elif isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names if alias.name.startswith("peft_lofit")]
+    return found
+
+
+def test_imports_go_one_way_tuner_then_training_then_application():
+    """The tuner imports only itself (it could be copied to peft/tuners/lofit); training imports the tuner and the
+    shared helpers; only the application (peft_lofit.app) may import everything."""
+    package = Path(peft_lofit.__file__).parent
+    wrong = []
+    for path in sorted(package.rglob("*.py")):
+        module = ".".join(path.relative_to(package.parent).with_suffix("").parts)
+        part = part_of(module)
+        if part in ("app", "__init__", "__main__"):
+            continue
+        for target in peft_lofit_imports(path):
+            if target != "peft_lofit" and part_of(target) not in MAY_IMPORT[part]:
+                wrong.append(f"{module} imports {target}")
+    assert wrong == []
+    tuner = package / "tuner"
     assert {path.stem for path in tuner.glob("*.py")} >= {
         "config",
         "layer",

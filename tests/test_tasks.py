@@ -12,8 +12,8 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 
 import peft_lofit
-from peft_lofit.tasks import clutrr, get_task, mquake, truthfulqa
-from peft_lofit.tasks.base import data_root
+from peft_lofit.app.tasks import clutrr, get_task, mquake, truthfulqa
+from peft_lofit.app.tasks.base import data_root
 
 
 def test_data_ships_inside_the_package(monkeypatch):
@@ -163,7 +163,7 @@ def test_clutrr_prompt_is_the_protocols():
     ],
 )
 def test_exact_match_normalisation(module, prediction, answers, hit):
-    from peft_lofit.tasks.base import GenerationExample, exact_match_accuracy
+    from peft_lofit.app.tasks.base import GenerationExample, exact_match_accuracy
 
     normalize = module.normalize if module is mquake else clutrr.up_to_stop
     assert exact_match_accuracy([prediction], [GenerationExample("p", answers)], normalize) == float(hit)

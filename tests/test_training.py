@@ -7,8 +7,8 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 
 from peft_lofit import LoFiTConfig
-from peft_lofit.shared_prompt import pack_pairs
 from peft_lofit.training import TrainSettings, train_adapter
+from peft_lofit.training.shared_prompt import pack_pairs
 
 DPO_ROWS = [
     {"prompt": "q: ab a:", "chosen": " yes", "rejected": " no"},
@@ -110,12 +110,12 @@ def test_seeded_runs_reproduce(tmp_path):
 
 
 def test_trainer_arguments_run_ddp_on_cpu_and_let_extra_override(monkeypatch):
-    monkeypatch.setattr("peft_lofit.training.has_accelerator", lambda: False)
+    monkeypatch.setattr("peft_lofit.training.trainers.has_accelerator", lambda: False)
     arguments = TrainSettings(learning_rate=1e-3).trainer_arguments()
     assert arguments["use_cpu"] is True and arguments["bf16"] is False  # CPU: Trainer sets up DDP only with use_cpu
     arguments = TrainSettings(learning_rate=1e-3, extra={"learning_rate": 2e-3, "bf16": True}).trainer_arguments()
     assert arguments["learning_rate"] == 2e-3 and arguments["bf16"] is True
-    monkeypatch.setattr("peft_lofit.training.has_accelerator", lambda: True)
+    monkeypatch.setattr("peft_lofit.training.trainers.has_accelerator", lambda: True)
     assert TrainSettings().trainer_arguments()["use_cpu"] is False
 
 
@@ -196,7 +196,7 @@ def test_batches_without_the_pair_structure_are_not_packed(change):
 def test_prompt_once_per_pair_equals_the_plain_dpo_path(tmp_path, monkeypatch, family, cache, packs):
     """Whole DPO runs under gradient accumulation, with and without the frozen-layer cache (heads in layer 1 of 2).
     OPT (positions from the mask) and Gemma 2 (sliding-window layers) run the plain path."""
-    import peft_lofit.shared_prompt as shared_prompt
+    import peft_lofit.training.shared_prompt as shared_prompt
 
     packed_batches, pack = [], shared_prompt.pack_pairs
 
@@ -209,7 +209,7 @@ def test_prompt_once_per_pair_equals_the_plain_dpo_path(tmp_path, monkeypatch, f
         extra={"gradient_accumulation_steps": 2},
     )  # fmt: skip
     plain = dpo_run(tmp_path, "plain", share_prompts=False, **common)
-    monkeypatch.setattr("peft_lofit.shared_prompt.pack_pairs", recording_pack_pairs)
+    monkeypatch.setattr("peft_lofit.training.shared_prompt.pack_pairs", recording_pack_pairs)
     shared = dpo_run(tmp_path, "shared", with_trainer=True, **common)
     assert_same_run(shared, plain)
     # the reference pass (2 batches of 2 x 2 pairs) and 2 epochs of 4 micro-batches

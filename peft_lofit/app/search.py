@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .io import atomic_write_json, atomic_write_text
-from .markdown import markdown_table
-from .timing import timed
+from ..io import atomic_write_json, atomic_write_text
+from ..markdown import markdown_table
+from ..timing import timed
 
 SEARCH_SPLIT = "val"
 
@@ -71,7 +71,7 @@ def _trial_settings(settings, point: dict, heads_file: Path, output: Path):
 
 def _localize_once(settings, l1: float, model, tokenizer, rows, folder: Path) -> Path:
     """Step 1 with L1 weight ``l1`` on a copy of the model; the head-selection file every K of it reuses."""
-    from .localize import localize
+    from ..training.localize import localize
     from .tasks import get_task
 
     step = copy.deepcopy(settings.localize)

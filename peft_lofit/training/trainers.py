@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from peft import PeftConfig
 
-from .extras import missing_extra
+from ..extras import missing_extra
 
 try:
     from datasets import Dataset
@@ -26,7 +26,7 @@ try:
 except ImportError as error:
     raise missing_extra(error, "Training (localize, train_adapter, lofit)") from error
 
-from .distributed import has_accelerator, is_main_process
+from ..distributed import has_accelerator, is_main_process
 from .frozen_prefix import FrozenPrefixCache
 from .shared_prompt import prompt_once_per_pair
 
@@ -255,7 +255,7 @@ def train_adapter(model, tokenizer, rows, objective, peft_config: PeftConfig, se
     If the loss becomes NaN/inf, the last good adapter is saved to ``{output_dir}/last_good_adapter`` and the
     FloatingPointError says where.
     """
-    from .checkpoint import save_adapter
+    from ..checkpoint import save_adapter
 
     torch.manual_seed(settings.seed)
     trainer = build_trainer(model, tokenizer, rows, objective, peft_config, settings, callbacks)

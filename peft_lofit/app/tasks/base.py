@@ -11,10 +11,10 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..distributed import is_main_process
+from ...distributed import is_main_process
 
 # The task data shipped inside the package (installed with the wheel; see peft_lofit/data/README.md).
-PACKAGED_DATA = Path(__file__).resolve().parents[1] / "data"
+PACKAGED_DATA = Path(__file__).resolve().parents[2] / "data"
 DATA_DIR_VARIABLE = "LOFIT_DATA_DIR"
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..distributed import is_main_process
+from ...distributed import is_main_process
 from .base import data_root, existing_file
 from .rows import read_csv_rows
 

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .tuner.architectures import text_config
+from ..tuner.architectures import text_config
 
 
 def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:

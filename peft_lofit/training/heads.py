@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .extras import require
-from .io import atomic_write_figure, atomic_write_text
+from ..extras import require
+from ..io import atomic_write_figure, atomic_write_text
 
 FORMAT_VERSION = 1
 

@@ -18,8 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .distributed import finish, is_main_process
-from .extras import MissingExtraError
+from ..distributed import finish, is_main_process
+from ..extras import MissingExtraError
 from .tasks import TASKS
 
 DEFAULT_MODEL_HELP = "HF model id or local folder (default: the embedded SmolLM2-135M-Instruct)"
@@ -221,8 +221,8 @@ def _search_space(args):
 
 
 def _settings(args):
+    from ..training.trainers import TrainSettings
     from .pipeline import PipelineSettings
-    from .training import TrainSettings
 
     localize = TrainSettings(
         learning_rate=getattr(args, "localize_lr", args.lr),
@@ -280,8 +280,8 @@ def command_run(args) -> None:
 
 
 def command_localize(args) -> None:
+    from ..training.localize import localize
     from .default_model import load_model_and_tokenizer
-    from .localize import localize
     from .tasks import get_task
 
     settings = _settings(args)
@@ -301,12 +301,12 @@ def command_localize(args) -> None:
 
 
 def command_train(args) -> None:
-    from .checkpoint import save_adapter
+    from ..checkpoint import save_adapter
+    from ..training.trainers import train_adapter
+    from ..tuner import LoFiTConfig
     from .default_model import load_model_and_tokenizer
     from .pipeline import select_heads
     from .tasks import get_task
-    from .training import train_adapter
-    from .tuner import LoFiTConfig
 
     if args.heads == "learned":
         raise ValueError("lofit train needs --heads FILE.json (written by `lofit localize`) or --heads random.")
@@ -324,9 +324,9 @@ def command_train(args) -> None:
 
 
 def command_eval(args) -> None:
-    from .checkpoint import load_adapter, validate_adapter_folder
+    from ..checkpoint import load_adapter, validate_adapter_folder
+    from ..io import atomic_write_json
     from .default_model import load_model_and_tokenizer
-    from .io import atomic_write_json
     from .tasks import get_task
 
     if args.adapter:
@@ -353,9 +353,9 @@ def command_eval(args) -> None:
 
 
 def command_export(args) -> None:
-    from .checkpoint import load_adapter, validate_adapter_folder
+    from ..checkpoint import load_adapter, validate_adapter_folder
+    from ..io import replace_directory
     from .default_model import load_model_and_tokenizer, resolve_model_path
-    from .io import replace_directory
 
     merged_folder = Path(args.merged)
     if merged_folder.exists() and not merged_folder.is_dir():

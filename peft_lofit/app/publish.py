@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import CARD_FILE, validate_adapter_folder
+from ..checkpoint import CARD_FILE, validate_adapter_folder
+from ..io import atomic_write_text
+from ..markdown import markdown_table
 from .default_model import is_hub_id
-from .io import atomic_write_text
-from .markdown import markdown_table
 
 
 def _front_matter(base_model: Optional[str], task: Optional[str]) -> str:

@@ -17,8 +17,8 @@ from typing import Callable
 
 import torch
 
+from ..io import atomic_write_json
 from .default_model import cache_root
-from .io import atomic_write_json
 
 TASK_SOURCES = Path(__file__).parent / "tasks"
 

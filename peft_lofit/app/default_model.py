@@ -17,9 +17,9 @@ from typing import Optional
 
 import torch
 
-from .distributed import local_device
-from .extras import require
-from .io import staging_dir
+from ..distributed import local_device
+from ..extras import require
+from ..io import staging_dir
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"

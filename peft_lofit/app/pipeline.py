@@ -15,21 +15,21 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import save_adapter
+from ..checkpoint import save_adapter
+from ..distributed import barrier, is_main_process
+from ..io import atomic_write_json
+from ..markdown import markdown_table
+from ..timing import timed
+from ..training.heads import HeadSelection, random_heads
+from ..training.localize import localize
+from ..training.trainers import TrainSettings, train_adapter
+from ..tuner import LoFiTConfig
+from ..tuner.model import find_projections
 from .default_model import DEFAULT_MODEL, describe_base_model, load_model_and_tokenizer
-from .distributed import barrier, is_main_process
-from .heads import HeadSelection, random_heads
-from .io import atomic_write_json
-from .localize import localize
-from .markdown import markdown_table
 from .metrics_cache import cached_evaluation, metrics_cache_root
 from .publish import write_model_card
 from .search import SEARCH_SPLIT, SearchSpace, run_search
 from .tasks import get_task
-from .timing import timed
-from .training import TrainSettings, train_adapter
-from .tuner import LoFiTConfig
-from .tuner.model import find_projections
 
 HEAD_CHOICES = ("learned", "random")
 L1_SEARCH_SPLIT = "val"  # the held-out split --l1-search chooses on
