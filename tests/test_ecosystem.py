@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from peft_lofit import LoFiTConfig, LoFiTLayer, cli
+from peft_lofit import LoFiTConfig, LoFiTLayer
+from peft_lofit.app import cli
 from peft_lofit.checkpoint import hotswap_adapter, save_adapter
 from peft_lofit.training import TrainSettings, train_adapter
 
@@ -222,31 +223,28 @@ def test_quantized_base_trains_and_refuses_to_merge(inputs):
 
 
 # ----------------------------------------------------------------------------------------------- export
-def test_export_writes_a_plain_transformers_checkpoint(tmp_path, inputs):
-    base_dir = tiny_model_folder(tmp_path / "base")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_export_writes_a_plain_transformers_checkpoint(tmp_path, inputs, dtype):
+    """The merged folder keeps the base checkpoint's dtype and config (no pad token added for training)."""
+    base_dir = tmp_path / "base"
+    tiny_model("llama", dtype=dtype).save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
     adapted = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=HEADS, use_scaling=True, init_weights=False))
     save_adapter(adapted, tmp_path / "adapter")
     with torch.no_grad():
         expected = adapted(inputs).logits
-    assert (
-        cli.main(
-            [
-                "export",
-                "--model",
-                str(base_dir),
-                "--adapter",
-                str(tmp_path / "adapter"),
-                "--merged",
-                str(tmp_path / "merged"),
-            ]
-        )
-        == 0
-    )
+    command = ["export", "--model", str(base_dir), "--adapter", str(tmp_path / "adapter")]
+    assert cli.main([*command, "--merged", str(tmp_path / "merged")]) == 0
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
-    assert config["attention_bias"] is True
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    base_config = json.loads((base_dir / "config.json").read_text())
+    assert config["attention_bias"] is True and config["dtype"] == base_config["dtype"] == str(dtype).split(".")[1]
+    assert config.get("pad_token_id") == base_config.get("pad_token_id")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2  # bfloat16 weights: rounding of the merged weights
     with torch.no_grad():
-        torch.testing.assert_close(merged(inputs).logits, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged(inputs).logits, expected, atol=tolerance, rtol=tolerance)
+    assert cli.main([*command, "--merged", str(tmp_path / "float32"), "--dtype", "float32"]) == 0
+    assert json.loads((tmp_path / "float32" / "config.json").read_text())["dtype"] == "float32"
 
 
 # --------------------------------------------------------------------------------------------------- TRL

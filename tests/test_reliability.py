@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 import peft_lofit.io as lofit_io
-from peft_lofit import LoFiTConfig, LoFiTLayer, cli
+from peft_lofit import LoFiTConfig, LoFiTLayer
+from peft_lofit.app import cli
 from peft_lofit.app.tasks import get_task
 from peft_lofit.checkpoint import hotswap_adapter, load_adapter, save_adapter, validate_adapter_folder
 from peft_lofit.training import TrainSettings, train_adapter

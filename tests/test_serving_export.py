@@ -21,7 +21,8 @@ from peft import get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from peft_lofit import LoFiTConfig, LoFiTLayer, cli
+from peft_lofit import LoFiTConfig, LoFiTLayer
+from peft_lofit.app import cli
 from peft_lofit.checkpoint import save_adapter
 
 HEADS = [[0, 1], [1, 3]]  # a head on each of the two layers

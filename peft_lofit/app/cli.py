@@ -199,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", default=None, help=DEFAULT_MODEL_HELP)
     export.add_argument("--adapter", required=True, help="LoFiT adapter folder")
     export.add_argument("--merged", required=True, help="output folder for the merged checkpoint")
+    export.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="dtype of the merged checkpoint (default: the base checkpoint's own; merging runs on the CPU)",
+    )
 
     push = commands.add_parser("push", help="upload an adapter to the Hub", description="Upload an adapter folder.")
     push.add_argument("folder", help="adapter folder (e.g. lofit_runs/run/adapter)")
@@ -353,9 +359,12 @@ def command_eval(args) -> None:
 
 
 def command_export(args) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from ..checkpoint import load_adapter, validate_adapter_folder
     from ..io import replace_directory
-    from .default_model import load_model_and_tokenizer, resolve_model_path
+    from .default_model import resolve_model_path
 
     merged_folder = Path(args.merged)
     if merged_folder.exists() and not merged_folder.is_dir():
@@ -373,7 +382,11 @@ def command_export(args) -> None:
             f"--merged {merged_folder} is a folder with other files in it, which the merged checkpoint would replace; "
             "name a new or empty folder (or a previous merged checkpoint)."
         )
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    base = resolve_model_path(args.model)
+    # the base as its checkpoint has it (dtype, tokenizer without the pad token training adds): whatever machine
+    # exports, the merged folder differs from the base only by the merge
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(base, dtype=dtype), AutoTokenizer.from_pretrained(base)
     merged = load_adapter(model, args.adapter).merge_and_unload(safe_merge=True)
     with replace_directory(merged_folder) as staging:
         merged.save_pretrained(staging)
