@@ -16,7 +16,7 @@ if [[ ${STEP:-all} != bench ]]; then
   lofit run --model "$MODEL" --task truthfulqa --fold 0 --k 32 --lr 1e-2 --beta 0.5 "${PAPER[@]}" --output "$OUT/run"
 fi
 if [[ ${STEP:-all} != run ]]; then
-  python benchmarks/compare.py --model "$MODEL" --task truthfulqa --fold 0 --fraction 0.03125 --lofit-lr 1e-2 \
+  python -m benchmarks.lofit_bench grid --model "$MODEL" --task truthfulqa --fold 0 --fraction 0.03125 --lofit-lr 1e-2 \
     "${PAPER[@]}" --methods base lofit lofit_random lofit_iti_heads iti repe lora_r8 --seeds 42 \
     --extra-seeds 1 2 --extra-seed-methods lofit lofit_random lofit_iti_heads lora_r8 --iti-alpha 15 --head-selection "$OUT/run/head_selection.json" --output "$OUT/benchmark"
 fi

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model_folder
+from conftest import tiny_model, tiny_model_folder, tiny_tokenizer
 
+from benchmarks.lofit_bench import cli, grid, measure, report, speed
+from benchmarks.lofit_bench.methods import COMPUTED, METHODS
 from peft_lofit.training.heads import HeadSelection
-
-spec = importlib.util.spec_from_file_location("compare", Path(__file__).parents[1] / "benchmarks" / "compare.py")
-compare = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare)
 
 
 def layer_one_selection(tmp_path) -> Path:
@@ -25,8 +22,9 @@ def layer_one_selection(tmp_path) -> Path:
 def test_benchmark_end_to_end_on_tiny_model(tmp_path):
     model_dir = tiny_model_folder(tmp_path / "tiny")
     output = tmp_path / "results"
-    compare.main(
+    cli.main(
         [
+            "grid",
             "--model",
             str(model_dir),
             "--train-limit",
@@ -44,7 +42,7 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path):
             "--seeds",
             "1",
             "--methods",
-            *compare.METHODS,
+            *METHODS,
             "--other-heads",
             str(layer_one_selection(tmp_path)),
             "--sweep-data",
@@ -68,14 +66,14 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path):
     speed = results["eval_prefix_cache"]
     assert speed["questions"] == 3 and speed["speedup"] > 0 and speed["max_score_difference"] < 1e-4
     methods = {row["method"] for row in results["rows"]}
-    assert methods == set(compare.METHODS)
-    computed = [r for r in results["rows"] if r["method"] in compare.COMPUTED]
+    assert methods == set(METHODS)
+    computed = [r for r in results["rows"] if r["method"] in COMPUTED]
     assert {r["method"] for r in computed} == {"iti", "repe"} and all(r["trainable_parameters"] == 0 for r in computed)
     assert next(r for r in computed if r["method"] == "repe")["k"] == 4  # all heads of the middle layer (1 of 2)
     for row in results["rows"]:
-        assert set(compare.ROW_FIELDS) <= set(row)
+        assert set(grid.ROW_FIELDS) <= set(row)
         assert {"mc1", "mc2", "mc3", "n"} <= set(row["metrics"])
-        if row["method"] not in ("base", *compare.COMPUTED):
+        if row["method"] not in ("base", *COMPUTED):
             assert row["trainable_parameters"] > 0 and row["step_s"] > 0
         if row["method"] != "base":
             assert row["adapter_bytes"] > 0 and row["train_s"] > 0 and row["peak_memory_mb"] is not None
@@ -94,9 +92,7 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path):
     assert next(r for r in results["rows"] if r["method"] == "lofit")["trainable_parameters"] == 2 * 8  # K=2 x d=8
     assert (output / "results.md").read_text().count("\n|") >= len(results["summary"])
     assert all((output / f"mc1_vs_{name}.png").is_file() for name in ("parameters", "k", "data"))
-    table = compare.main(
-        ["--combine", str(output / "results.json"), str(output / "results.json"), "--output", str(output)]
-    )
+    table = cli.main(["combine", str(output / "results.json"), str(output / "results.json"), "--output", str(output)])
     assert table["combined"].count("\n|") == len(results["summary"]) + 1  # rows of one method/size/K merged
     assert "| lofit | 8 | 2 | 2 |" in table["combined"]  # two copies of seed 1 -> 2 seeds
 
@@ -119,17 +115,18 @@ def test_summary_mean_and_spread_over_seeds():
         )
         for seed, mc1 in ((1, 0.2), (2, 0.4), (3, 0.6))
     ]
-    (entry,) = compare.summarize(rows, ("mc1",))
+    (entry,) = report.summarize(rows, ("mc1",))
     assert entry["seeds"] == [1, 2, 3] and abs(entry["mc1"] - 0.4) < 1e-12
     assert abs(entry["mc1_std"] - (0.08 / 3) ** 0.5) < 1e-12
-    assert "0.400 ± 0.163" in compare.markdown_table([entry], ("mc1",))
+    assert "0.400 ± 0.163" in report.results_table([entry], ("mc1",))
 
 
 def test_other_heads_must_fit_the_model(tmp_path):
     wrong = HeadSelection(scores=[[1.0, 2.0]] * 3).save(tmp_path / "wrong.json")
     with pytest.raises(ValueError, match="scores 3 layers x 2 heads, but the model has 2 layers x 4 heads"):
-        compare.main(
+        cli.main(
             [
+                "grid",
                 "--model",
                 str(tiny_model_folder(tmp_path / "tiny")),
                 "--methods",
@@ -150,11 +147,11 @@ def test_other_heads_must_fit_the_model(tmp_path):
 
 
 def test_train_speed_mode(tmp_path):
-    result = compare.main(
+    result = cli.main(
         [
+            "train-speed",
             "--model",
             str(tiny_model_folder(tmp_path / "tiny")),
-            "--train-speed-only",
             "--head-selection",
             str(layer_one_selection(tmp_path)),
             "--fraction",
@@ -172,7 +169,7 @@ def test_train_speed_mode(tmp_path):
         ]
     )["train_speed"]
     variants = result["variants"]
-    assert set(variants) == set(compare.SPEED_VARIANTS) and result["train_rows"] == 8
+    assert set(variants) == set(speed.SPEED_VARIANTS) and result["train_rows"] == 8
     for value in variants.values():
         assert len(value["runs"][0]["epoch_s"]) == 2 and value["epoch_s"] > 0 and value["total_s"] > 0
     assert variants["lora_r8"]["epoch_s_vs_lora_r8"] == 1.0
@@ -187,7 +184,7 @@ def test_train_speed_mode(tmp_path):
 
 def test_saved_activations_counts_what_backward_keeps():
     layer = torch.nn.Linear(4, 3)
-    saved = compare.SavedActivations()
+    saved = measure.SavedActivations()
     saved.on_train_begin(None, None, None, model=layer)
     with saved:
         saved.on_step_begin(None, None, None)
@@ -215,20 +212,20 @@ def test_sweep_curves_hold_the_other_field_fixed():
         entry("lora_r8", 16, None, 0.5),
         entry("lora_r8", 32, None, 0.6),
     ]
-    assert compare.sweep_curves(summary, "train_rows", "mc1") == {
+    assert report.sweep_curves(summary, "train_rows", "mc1") == {
         "lofit": [(16, 0.1, 0.0), (32, 0.2, 0.0)],
         "lora_r8": [(16, 0.5, 0.0), (32, 0.6, 0.0)],
     }
-    assert compare.sweep_curves(summary, "k", "mc1") == {"lofit": [(4, 0.3, 0.0), (8, 0.2, 0.0), (16, 0.4, 0.0)]}
+    assert report.sweep_curves(summary, "k", "mc1") == {"lofit": [(4, 0.3, 0.0), (8, 0.2, 0.0), (16, 0.4, 0.0)]}
 
 
 def test_latency_only_mode(tmp_path):
     model_dir = tiny_model_folder(tmp_path / "tiny")
-    result = compare.main(
+    result = cli.main(
         [
+            "latency",
             "--model",
             str(model_dir),
-            "--latency-only",
             "--methods",
             "lofit",
             "lora_r8",
@@ -247,3 +244,19 @@ def test_latency_only_mode(tmp_path):
     assert set(result) == {"base", "lofit_unmerged", "lofit_merged", "lora_r8_unmerged", "lora_r8_merged"}
     assert result["base"]["prefill_s_vs_base"] == 1.0 and all(v["decode_s"] > 0 for v in result.values())
     assert json.loads((tmp_path / "out" / "latency.json").read_text()) == result
+
+
+def test_the_grid_runs_on_other_families(tmp_path):
+    """GPT-NeoX: LoRA on PEFT's default target (query_key_value), IA3 and LoFiT on the dense output projection."""
+    folder = tmp_path / "neox"
+    tiny_model("gpt_neox").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    results = cli.main(
+        ["grid", "--model", str(folder), "--methods", "lofit", "lora_r8", "ia3", "--train-limit", "4"]
+        + ["--eval-limit", "1", "--epochs", "1", "--localize-epochs", "1", "--batch-size", "2", "--skip-latency"]
+        + ["--eval-speed-questions", "0", "--output", str(tmp_path / "out")]
+    )
+    trained = {row["method"]: row["trainable_parameters"] for row in results["rows"]}
+    # hidden 32, 2 layers: LoRA r8 on the fused qkv (32 -> 96) = 2 x 8 x (32 + 96); IA3 one scale per input feature
+    # LoFiT: K = 3% of 8 heads, at least 1, with 8 features
+    assert trained == {"lofit": 8, "lora_r8": 2 * 8 * (32 + 96), "ia3": 2 * 32}
