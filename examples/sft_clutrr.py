@@ -25,8 +25,8 @@ def main():
         model=args.model,
         train_limit=args.train_limit,
         eval_limit=args.eval_limit,
-        localize=TrainSettings(learning_rate=5e-3, l1_lambda=5e-4, epochs=args.epochs),
-        train=TrainSettings(learning_rate=1e-2, epochs=args.epochs),
+        localize=TrainSettings.localization(epochs=args.epochs),  # the paper's step-1 recipe, fewer epochs
+        train=TrainSettings.offsets(epochs=args.epochs),
         output_dir=f"lofit_runs/{args.task}",
     )
     results = run_pipeline(settings)

@@ -41,9 +41,7 @@ def main():
         tokenizer,
         rows,
         "dpo",
-        TrainSettings(
-            learning_rate=5e-3, l1_lambda=5e-4, epochs=args.localize_epochs, output_dir=f"{args.output}/loc"
-        ),
+        TrainSettings.localization(epochs=args.localize_epochs, output_dir=f"{args.output}/loc"),
     )
     heads = selection.top(args.k)
     if is_main_process():  # launched on several processes, all train and evaluate, one writes
@@ -59,7 +57,7 @@ def main():
         rows,
         "dpo",
         LoFiTConfig(heads=heads),
-        TrainSettings(learning_rate=1e-2, epochs=args.epochs, output_dir=f"{args.output}/train"),
+        TrainSettings.offsets(epochs=args.epochs, output_dir=f"{args.output}/train"),
     )
     lofit_metrics = task.evaluate(peft_model, tokenizer, limit=args.eval_limit, desc="LoFiT")
     if is_main_process():

@@ -15,6 +15,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from peft_lofit.app import cli, pipeline
+from peft_lofit.app.arguments import settings_from
 from peft_lofit.app.metrics_cache import cached_evaluation
 from peft_lofit.app.pipeline import PipelineSettings, results_table, run_pipeline
 from peft_lofit.app.search import SearchSpace
@@ -313,29 +314,52 @@ def test_search_settings_are_checked(tmp_path, overrides, message):
         SearchSpace(k=[2, 2])
 
 
+def settings_of(*argv):
+    args = cli.build_parser().parse_args(list(argv))
+    return settings_from(args, args.output)
+
+
 def test_search_flags_build_the_search_space():
-    args = cli.build_parser().parse_args(
-        [
-            "run",
-            "--search-l1",
-            "5e-4",
-            "2e-3",
-            "--search-k",
-            "8",
-            "27",
-            "--search-lr",
-            "1e-2",
-            "--search-max-trials",
-            "3",
-        ]
+    settings = settings_of(
+        "run",
+        "--search-l1",
+        "5e-4",
+        "2e-3",
+        "--search-k",
+        "8",
+        "27",
+        "--search-lr",
+        "1e-2",
+        "--search-max-trials",
+        "3",
     )
-    settings = cli._settings(args)
     assert settings.search == SearchSpace(l1=[5e-4, 2e-3], k=[8, 27], learning_rate=[1e-2], epochs=[], max_trials=3)
-    assert cli._settings(cli.build_parser().parse_args(["run"])).search is None
-    assert (
-        settings.cache_base_metrics
-        and not cli._settings(cli.build_parser().parse_args(["run", "--no-metrics-cache"])).cache_base_metrics
-    )
+    assert settings_of("run").search is None
+    assert settings.cache_base_metrics and not settings_of("run", "--no-metrics-cache").cache_base_metrics
+
+
+def test_the_command_line_defaults_are_the_settings_defaults():
+    """One source of settings: `lofit run` with no options is PipelineSettings() (the paper's recipe), `lofit
+    localize` trains with TrainSettings.localization() and `lofit train` with TrainSettings.offsets()."""
+    assert settings_of("run") == PipelineSettings(output_dir="lofit_runs/run")
+    assert settings_of("localize").localize == TrainSettings.localization()
+    assert settings_of("train", "--heads", "random").train == TrainSettings.offsets()
+
+
+def test_each_option_sets_its_field():
+    settings = settings_of(
+        "run", "--lr", "0.2", "--localize-lr", "0.1", "--l1", "0.003", "--epochs", "2", "--localize-epochs", "1",
+        "--batch-size", "4", "--beta", "0.3", "--seed", "7", "--k", "5", "--fold", "1", "--both-vectors",
+        "--eval-limit", "9", "--train-limit", "11", "--output", "elsewhere",
+    )  # fmt: skip
+    assert (settings.localize.learning_rate, settings.localize.l1_lambda, settings.localize.epochs) == (0.1, 0.003, 1)
+    assert (settings.train.learning_rate, settings.train.epochs, settings.train.l1_lambda) == (0.2, 2, 0.0)
+    for step in (settings.localize, settings.train):
+        assert (step.batch_size, step.dpo_beta, step.seed) == (4, 0.3, 7)
+    assert (settings.k, settings.fold, settings.train_both_vectors) == (5, 1, True)
+    assert (settings.eval_limit, settings.train_limit, settings.output_dir) == (9, 11, "elsewhere")
+    localize = settings_of("localize", "--lr", "0.1", "--epochs", "3", "--l1", "0.002").localize
+    assert (localize.learning_rate, localize.epochs, localize.l1_lambda) == (0.1, 3, 0.002)
 
 
 def test_run_pipeline_leaves_the_given_settings_alone(tmp_path):

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from peft_lofit.app.default_model import load_model_and_tokenizer
+from peft_lofit.app.settings import PipelineSettings
 from peft_lofit.app.tasks import TASKS, get_task
 from peft_lofit.io import atomic_write_json
 
@@ -27,6 +28,8 @@ from .grid import run_grid
 from .methods import METHODS
 from .report import combine
 from .speed import eval_cache_speedup, interleaved_latency, training_speed
+
+RUN = PipelineSettings()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,15 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="lofit_other_heads: head-selection JSON localized on another task (e.g. MQuAKE heads)",
     )
-    options.add_argument("--fraction", type=float, default=0.03, help="K as a share of all heads (default 0.03)")
+    options.add_argument(
+        "--fraction", type=float, default=RUN.fraction, help=f"K as a share of all heads (default {RUN.fraction})"
+    )
     options.add_argument("--train-limit", type=int, default=None, help="training rows (default: all)")
     options.add_argument("--eval-limit", type=int, default=None, help="test examples (default: all)")
-    options.add_argument("--epochs", type=float, default=5)
-    options.add_argument("--localize-epochs", type=float, default=5)
-    options.add_argument("--batch-size", type=int, default=8)
-    options.add_argument("--l1", type=float, default=5e-4)
-    options.add_argument("--localize-lr", type=float, default=5e-3)
-    options.add_argument("--lofit-lr", type=float, default=1e-2)
+    # the pipeline's defaults (the paper's recipe): one source for `lofit run` and the benchmark
+    options.add_argument("--epochs", type=float, default=RUN.train.epochs)
+    options.add_argument("--localize-epochs", type=float, default=RUN.localize.epochs)
+    options.add_argument("--batch-size", type=int, default=RUN.train.batch_size)
+    options.add_argument("--l1", type=float, default=RUN.localize.l1_lambda)
+    options.add_argument("--localize-lr", type=float, default=RUN.localize.learning_rate)
+    options.add_argument("--lofit-lr", type=float, default=RUN.train.learning_rate)
     options.add_argument("--lora-lr", type=float, default=5e-4)
     options.add_argument("--ia3-lr", type=float, default=5e-3)
     options.add_argument("--iti-alpha", type=float, default=15.0, help="ITI offset strength (ITI: 15 with K=48 on 7B)")

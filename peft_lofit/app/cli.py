@@ -20,9 +20,8 @@ from pathlib import Path
 
 from ..distributed import finish, is_main_process
 from ..extras import MissingExtraError
-from .tasks import TASKS
-
-DEFAULT_MODEL_HELP = "HF model id or local folder (default: the embedded SmolLM2-135M-Instruct)"
+from . import arguments
+from .arguments import DEFAULTS, positive_int, settings_from
 
 
 def say(message: str) -> None:
@@ -31,172 +30,78 @@ def say(message: str) -> None:
         print(message)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", choices=sorted(TASKS), default="truthfulqa", help="task (default: truthfulqa)")
-    parser.add_argument("--model", default=None, help=DEFAULT_MODEL_HELP)
-    parser.add_argument(
-        "--data-dir", default=None, help="data folder (default: $LOFIT_DATA_DIR, else the data shipped in the package)"
-    )
-    parser.add_argument("--fold", type=int, default=0, help="TruthfulQA fold (default: 0)")
-    parser.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
-
-
-def _train_arguments(parser, prefix: str, lr: float, epochs: float, what: str, l1: float | None = None) -> None:
-    parser.add_argument(
-        f"--{prefix}lr", type=_positive_float, default=lr, help=f"{what} learning rate (default: {lr})"
-    )
-    parser.add_argument(
-        f"--{prefix}epochs", type=_positive_float, default=epochs, help=f"{what} epochs (default: {epochs})"
-    )
-    if l1 is not None:
-        parser.add_argument(
-            "--l1", type=_non_negative_float, default=l1, help=f"L1 weight lambda on A (default: {l1})"
-        )
-
-
-def _selection_arguments(parser) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--k", type=_positive_int, default=None, help="number of heads to train")
-    group.add_argument("--fraction", type=_fraction, default=0.03, help="share of all heads to train (default: 0.03)")
-
-
-def _run_options(parser, evaluates: bool = True) -> None:
-    parser.add_argument("--batch-size", type=_positive_int, default=8, help="training batch size (default: 8)")
-    parser.add_argument("--beta", type=_positive_float, default=0.5, help="DPO beta (default: 0.5)")
-    parser.add_argument("--train-limit", type=_positive_int, default=None, help="use only the first N training rows")
-    parser.add_argument("--both-vectors", action="store_true", help="step 2 trains A and v (default: v only)")
-    if evaluates:
-        parser.add_argument(
-            "--eval-limit", type=_positive_int, default=None, help="evaluate only the first N examples"
-        )
-        parser.add_argument("--eval-split", default="test", help="split to evaluate (default: test)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lofit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{run,localize,train,eval,export,push}")
+    _run_parser(commands)
+    _localize_parser(commands)
+    _train_parser(commands)
+    _eval_parser(commands)
+    _export_parser(commands)
+    _push_parser(commands)
+    return parser
 
+
+def _run_parser(commands) -> None:
     run = commands.add_parser("run", help="the whole pipeline", description="Localize, train, evaluate and save.")
-    _common(run)
-    _selection_arguments(run)
-    _train_arguments(run, "localize-", 5e-3, 5, "localization", l1=5e-4)
-    _train_arguments(run, "", 1e-2, 5, "offset training")
-    _run_options(run)
-    run.add_argument("--heads", default="learned", help="'learned' (default), 'random', or a head-selection JSON")
-    run.add_argument(
-        "--l1-search",
-        type=_positive_float,
-        nargs="+",
-        default=None,
-        metavar="L1",
-        help="choose the L1 weight among these on the validation split (one localize + train + eval each), then "
-        "train and evaluate with the best; trials go to OUTPUT/l1_search/",
-    )
-    run.add_argument("--output", default="lofit_runs/run", help="output folder (default: lofit_runs/run)")
-    run.add_argument(
-        "--base-model-id",
-        default=None,
-        help="the model's Hub id for the model card, when --model is a local folder that does not say it",
-    )
+    arguments.common(run)
+    arguments.head_count(run)
+    arguments.step(run, "localize-", "localize")
+    arguments.step(run, "", "train")
+    arguments.both_steps(run)
+    arguments.setting(run, "--both-vectors", "train_both_vectors", action="store_true")
+    arguments.setting(run, "--heads", "heads")
+    arguments.run_options(run)
+    run.add_argument("--output", default=DEFAULTS.output_dir, help=f"output folder (default: {DEFAULTS.output_dir})")
     run.add_argument(
         "--quick", action="store_true", help="smoke run: 32 training rows, 24 eval examples, 1 epoch each"
     )
-    run.add_argument(
-        "--no-metrics-cache",
-        action="store_true",
-        help="evaluate the base model even when its metrics for this model, data and settings are cached",
-    )
-    search_axes = (
-        ("l1", _positive_float, "L1 weights of step 1 (one localization each)"),
-        ("k", _positive_int, "numbers of heads (each lambda's ranking reused)"),
-        ("lr", _positive_float, "step-2 learning rates"),
-        ("epochs", _positive_float, "step-2 epochs"),
-    )
-    for flag, kind, what in search_axes:
-        run.add_argument(
-            f"--search-{flag}",
-            type=kind,
-            nargs="+",
-            default=None,
-            metavar=flag.upper(),
-            help=f"choose among these {what} on the validation split (trials in OUTPUT/search/)",
-        )
-    run.add_argument(
-        "--search-max-trials",
-        type=_positive_int,
-        default=None,
-        help="trial budget: a seeded random sample of the grid when it is larger",
-    )
 
+
+def _localize_parser(commands) -> None:
     loc = commands.add_parser("localize", help="step 1: score every head", description="Step 1 of LoFiT.")
-    _common(loc)
-    _train_arguments(loc, "", 5e-3, 5, "localization", l1=5e-4)
-    loc.add_argument("--batch-size", type=_positive_int, default=8, help="batch size (default: 8)")
-    loc.add_argument("--beta", type=_positive_float, default=0.5, help="DPO beta (default: 0.5)")
-    loc.add_argument("--train-limit", type=_positive_int, default=None, help="use only the first N training rows")
+    arguments.common(loc)
+    arguments.step(loc, "", "localize")
+    arguments.both_steps(loc)
     loc.add_argument("--output", default="lofit_runs/heads.json", help="head-selection JSON (a PNG is written beside)")
-    loc.add_argument("--top", type=_positive_int, default=8, help="heads outlined in the heatmap (default: 8)")
+    loc.add_argument("--top", type=positive_int, default=8, help="heads outlined in the heatmap (default: 8)")
 
+
+def _train_parser(commands) -> None:
     train = commands.add_parser(
         "train", help="step 2: train offsets on selected heads", description="Step 2 of LoFiT."
     )
-    _common(train)
-    _selection_arguments(train)
-    _train_arguments(train, "", 1e-2, 5, "offset training")
-    _run_options(train, evaluates=False)
-    train.add_argument("--heads", required=True, help="head-selection JSON from `lofit localize`, or 'random'")
+    arguments.common(train)
+    arguments.head_count(train)
+    arguments.step(train, "", "train")
+    arguments.both_steps(train)
+    arguments.setting(train, "--both-vectors", "train_both_vectors", action="store_true")
+    arguments.setting(
+        train, "--heads", "heads", required=True, help_text="head-selection JSON from `lofit localize`, or 'random'"
+    )
     train.add_argument("--output", default="lofit_runs/adapter", help="adapter folder (default: lofit_runs/adapter)")
 
+
+def _eval_parser(commands) -> None:
     evaluate = commands.add_parser("eval", help="evaluate a model", description="Evaluate a model (and adapter).")
-    _common(evaluate)
+    arguments.common(evaluate)
     evaluate.add_argument("--adapter", default=None, help="LoFiT adapter folder to apply")
     evaluate.add_argument("--split", default="test", help="split (default: test)")
-    evaluate.add_argument("--limit", type=_positive_int, default=None, help="only the first N examples")
-    evaluate.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=16,
-        help="generation batch size for MQuAKE/CLUTRR (default: 16); TruthfulQA scores each question's answers as one batch",
-    )
+    evaluate.add_argument("--limit", type=positive_int, default=None, help="only the first N examples")
+    arguments.setting(evaluate, "--batch-size", "eval_batch_size", type=positive_int)
     evaluate.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+
+
+def _export_parser(commands) -> None:
     export = commands.add_parser(
         "export",
         help="write a merged plain transformers checkpoint",
         description="Merge an adapter and save the model.",
     )
-    export.add_argument("--model", default=None, help=DEFAULT_MODEL_HELP)
+    arguments.setting(export, "--model", "model")
     export.add_argument("--adapter", required=True, help="LoFiT adapter folder")
     export.add_argument("--merged", required=True, help="output folder for the merged checkpoint")
     export.add_argument(
@@ -206,69 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of the merged checkpoint (default: the base checkpoint's own; merging runs on the CPU)",
     )
 
+
+def _push_parser(commands) -> None:
     push = commands.add_parser("push", help="upload an adapter to the Hub", description="Upload an adapter folder.")
     push.add_argument("folder", help="adapter folder (e.g. lofit_runs/run/adapter)")
     push.add_argument("--repo-id", required=True, help="Hub repository, e.g. your-name/smollm2-lofit-truthfulqa")
     push.add_argument("--private", action="store_true", help="create the repository as private")
     push.add_argument("--token", default=None, help="Hub token (default: the one from `hf auth login`)")
-    return parser
-
-
-def _search_space(args):
-    from .search import SearchSpace
-
-    axes = {"l1": "search_l1", "k": "search_k", "learning_rate": "search_lr", "epochs": "search_epochs"}
-    values = {field: getattr(args, name, None) for field, name in axes.items()}
-    if not any(values.values()):
-        return None
-    return SearchSpace(
-        **{field: value or [] for field, value in values.items()}, max_trials=getattr(args, "search_max_trials", None)
-    )
-
-
-def _settings(args):
-    from ..training.trainers import TrainSettings
-    from .pipeline import PipelineSettings
-
-    localize = TrainSettings(
-        learning_rate=getattr(args, "localize_lr", args.lr),
-        epochs=getattr(args, "localize_epochs", args.epochs),
-        l1_lambda=getattr(args, "l1", 5e-4),
-        batch_size=args.batch_size,
-        dpo_beta=args.beta,
-        seed=args.seed,
-    )
-    train = TrainSettings(
-        learning_rate=args.lr, epochs=args.epochs, batch_size=args.batch_size, dpo_beta=args.beta, seed=args.seed
-    )
-    return PipelineSettings(
-        task=args.task,
-        model=args.model,
-        base_model_id=getattr(args, "base_model_id", None),
-        cache_base_metrics=not getattr(args, "no_metrics_cache", False),
-        data_dir=args.data_dir,
-        fold=args.fold,
-        k=getattr(args, "k", None),
-        fraction=getattr(args, "fraction", 0.03),
-        heads=getattr(args, "heads", "learned"),
-        l1_search=getattr(args, "l1_search", None),
-        search=_search_space(args),
-        localize=localize,
-        train=train,
-        train_both_vectors=getattr(args, "both_vectors", False),
-        train_limit=args.train_limit,
-        eval_split=getattr(args, "eval_split", "test"),
-        eval_limit=getattr(args, "eval_limit", None),
-        output_dir=str(Path(args.output).parent if args.command == "localize" else args.output),
-        seed=args.seed,
-    )
 
 
 def command_run(args) -> None:
     from .pipeline import results_table, run_pipeline
     from .publish import describe_l1_search
 
-    settings = _settings(args)
+    settings = settings_from(args, args.output)
     if args.quick:
         settings.make_quick()
     results = run_pipeline(settings)
@@ -285,23 +141,31 @@ def command_run(args) -> None:
     say(f"Adapter, heads and metrics written to {settings.output_dir}/")
 
 
+def _training_rows(settings) -> list[dict]:
+    from .tasks import get_task
+
+    return get_task(settings.task).training_rows(
+        "train", data_dir=settings.data_dir, fold=settings.fold, limit=settings.train_limit
+    )
+
+
 def command_localize(args) -> None:
     from ..training.localize import localize
     from .default_model import load_model_and_tokenizer
     from .tasks import get_task
 
-    settings = _settings(args)
-    task = get_task(args.task)
-    rows = task.training_rows("train", data_dir=args.data_dir, fold=args.fold, limit=args.train_limit)
-    model, tokenizer = load_model_and_tokenizer(args.model)
-    settings.localize.output_dir = str(Path(settings.output_dir) / "checkpoints" / "localize")
-    selection = localize(
-        model, tokenizer, rows, task.objective, settings=settings.localize, metadata={"task": args.task}
-    )
     output = Path(args.output)
+    settings = settings_from(args, output.parent)
+    task = get_task(settings.task)
+    rows = _training_rows(settings)
+    model, tokenizer = load_model_and_tokenizer(settings.model)
+    settings.localize.output_dir = str(output.parent / "checkpoints" / "localize")
+    selection = localize(
+        model, tokenizer, rows, task.objective, settings=settings.localize, metadata={"task": settings.task}
+    )
     if is_main_process():
         selection.save(output)
-        selection.heatmap(output.with_suffix(".png"), title=f"{args.task}: LoFiT head scores", k=args.top)
+        selection.heatmap(output.with_suffix(".png"), title=f"{settings.task}: LoFiT head scores", k=args.top)
     say(f"Top {args.top} heads: {selection.top(args.top)}")
     say(f"Scores written to {output} and {output.with_suffix('.png')}")
 
@@ -314,15 +178,15 @@ def command_train(args) -> None:
     from .pipeline import select_heads
     from .tasks import get_task
 
-    if args.heads == "learned":
+    settings = settings_from(args, args.output)
+    if settings.heads == "learned":
         raise ValueError("lofit train needs --heads FILE.json (written by `lofit localize`) or --heads random.")
-    settings = _settings(args)
-    task = get_task(args.task)
-    rows = task.training_rows("train", data_dir=args.data_dir, fold=args.fold, limit=args.train_limit)
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    task = get_task(settings.task)
+    rows = _training_rows(settings)
+    model, tokenizer = load_model_and_tokenizer(settings.model)
     settings.train.output_dir = str(Path(settings.output_dir) / "checkpoints")
     heads, _ = select_heads(settings, model, tokenizer, rows, Path(settings.output_dir), {})
-    config = LoFiTConfig(heads=heads, use_scaling=args.both_vectors)
+    config = LoFiTConfig(heads=heads, use_scaling=settings.train_both_vectors)
     peft_model, _ = train_adapter(model, tokenizer, rows, task.objective, config, settings.train)
     if is_main_process():
         save_adapter(peft_model, args.output)
@@ -335,19 +199,20 @@ def command_eval(args) -> None:
     from .default_model import load_model_and_tokenizer
     from .tasks import get_task
 
+    settings = settings_from(args, DEFAULTS.output_dir)
     if args.adapter:
         validate_adapter_folder(args.adapter)
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(settings.model)
     if args.adapter:
         model = load_adapter(model, args.adapter).eval()
-    metrics = get_task(args.task).evaluate(
+    metrics = get_task(settings.task).evaluate(
         model,
         tokenizer,
         split=args.split,
-        data_dir=args.data_dir,
-        fold=args.fold,
+        data_dir=settings.data_dir,
+        fold=settings.fold,
         limit=args.limit,
-        batch_size=args.batch_size,
+        batch_size=settings.eval_batch_size,
     )
     say(
         " ".join(
@@ -370,7 +235,8 @@ def command_export(args) -> None:
     if merged_folder.exists() and not merged_folder.is_dir():
         raise ValueError(f"--merged {merged_folder} is a file; name a folder for the merged checkpoint.")
     validate_adapter_folder(args.adapter)
-    sources = {"--adapter": Path(args.adapter), "--model": Path(resolve_model_path(args.model))}
+    model_name = settings_from(args, DEFAULTS.output_dir).model
+    sources = {"--adapter": Path(args.adapter), "--model": Path(resolve_model_path(model_name))}
     for flag, source in sources.items():
         if source.exists() and source.resolve().is_relative_to(merged_folder.resolve()):
             what = "is" if source.resolve() == merged_folder.resolve() else "holds"
@@ -382,7 +248,7 @@ def command_export(args) -> None:
             f"--merged {merged_folder} is a folder with other files in it, which the merged checkpoint would replace; "
             "name a new or empty folder (or a previous merged checkpoint)."
         )
-    base = resolve_model_path(args.model)
+    base = resolve_model_path(model_name)
     # the base as its checkpoint has it (dtype, tokenizer without the pad token training adds): whatever machine
     # exports, the merged folder differs from the base only by the merge
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)

@@ -9,9 +9,8 @@ import copy
 import json
 import platform
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -22,81 +21,15 @@ from ..markdown import markdown_table
 from ..timing import timed
 from ..training.heads import HeadSelection, random_heads
 from ..training.localize import localize
-from ..training.trainers import TrainSettings, train_adapter
+from ..training.trainers import train_adapter
 from ..tuner import LoFiTConfig
 from ..tuner.model import find_projections
 from .default_model import DEFAULT_MODEL, describe_base_model, load_model_and_tokenizer
 from .metrics_cache import cached_evaluation, metrics_cache_root
 from .publish import write_model_card
-from .search import SEARCH_SPLIT, SearchSpace, run_search
+from .search import run_search
+from .settings import HEAD_CHOICES, L1_SEARCH_SPLIT, PipelineSettings
 from .tasks import get_task
-
-HEAD_CHOICES = ("learned", "random")
-L1_SEARCH_SPLIT = "val"  # the held-out split --l1-search chooses on
-
-
-@dataclass
-class PipelineSettings:
-    """One LoFiT run. Defaults: the paper's TruthfulQA recipe with K = 3% of heads."""
-
-    task: str = "truthfulqa"
-    model: Optional[str] = None  # None: the embedded SmolLM2-135M-Instruct
-    base_model_id: Optional[str] = None  # the model's Hub id for the card; None: found from `model` where it can be
-    data_dir: Optional[str] = None
-    fold: int = 0
-    k: Optional[int] = None
-    fraction: float = 0.03
-    heads: str = "learned"  # "learned", "random", or a HeadSelection JSON file (heads from another run/task)
-    l1_search: Optional[list[float]] = None  # choose step 1's lambda among these on the validation split
-    search: Optional[SearchSpace] = None  # choose lambda, K, step-2 lr and epochs on the validation split (search.py)
-    localize: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=5e-3, l1_lambda=5e-4))
-    train: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=1e-2))
-    train_both_vectors: bool = False  # step 2 trains v only (paper); True trains A and v
-    train_limit: Optional[int] = None
-    eval_split: str = "test"
-    eval_limit: Optional[int] = None
-    eval_batch_size: int = 16
-    cache_base_metrics: bool = True  # reuse the base model's metrics from disk when model, data and settings match
-    output_dir: str = "lofit_runs/run"
-    seed: int = 42
-
-    def __post_init__(self):
-        get_task(self.task)
-        if self.heads not in HEAD_CHOICES and not Path(self.heads).is_file():
-            raise ValueError(
-                f"--heads must be 'learned', 'random' or an existing head-selection JSON file; got {self.heads!r}."
-            )
-        for name in ("train_limit", "eval_limit", "k"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}.")
-        if self.k is None and not 0 < self.fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}.")
-        if self.search is not None:
-            if self.l1_search is not None or self.heads != "learned":
-                raise ValueError("--search chooses lambda and K itself: it needs --heads learned and no --l1-search.")
-            if self.eval_split == SEARCH_SPLIT:
-                raise ValueError(
-                    f"--search chooses on the {SEARCH_SPLIT} split; evaluate on another one (--eval-split test)."
-                )
-        if self.l1_search is not None:
-            if self.heads != "learned":
-                raise ValueError("--l1-search chooses the L1 weight of step 1, so it needs --heads learned.")
-            if not self.l1_search or min(self.l1_search) <= 0:
-                raise ValueError(f"--l1-search needs one or more L1 weights > 0, got {self.l1_search}.")
-            if len({f"{value:g}" for value in self.l1_search}) < len(self.l1_search):
-                raise ValueError(f"--l1-search values must differ (to 6 significant digits), got {self.l1_search}.")
-            if self.eval_split == L1_SEARCH_SPLIT:
-                raise ValueError(
-                    f"--l1-search chooses on the {L1_SEARCH_SPLIT} split; evaluate on another one (--eval-split test)."
-                )
-
-    def make_quick(self) -> "PipelineSettings":
-        """Turn this into a smoke run of a couple of minutes: few examples, one epoch per step."""
-        self.train_limit = self.train_limit or 32
-        self.eval_limit = self.eval_limit or 24
-        self.localize.epochs = self.train.epochs = 1
-        return self
 
 
 def select_heads(settings: PipelineSettings, model, tokenizer, rows, output: Path, timings: dict):

@@ -8,9 +8,18 @@
 - ``shared_prompt``: each DPO pair's prompt run once
 """
 
-from .heads import HeadSelection
-from .trainers import TrainSettings, build_trainer, scaling_l1, train_adapter
+import importlib
 
-# ``localize`` (the function) is imported as ``from peft_lofit.localize import localize``: re-exported here it would
-# hide the ``training.localize`` module.
+from .settings import TrainSettings
+
+# The trainers need the [train] extra (TRL, datasets): their names load on first use, so that the settings (and the
+# command line built from them) import without it. ``localize`` (the function) is imported as
+# ``from peft_lofit.localize import localize``: re-exported here it would hide the ``training.localize`` module.
+_LAZY = {"HeadSelection": "heads", "build_trainer": "trainers", "scaling_l1": "trainers", "train_adapter": "trainers"}
 __all__ = ["HeadSelection", "TrainSettings", "build_trainer", "scaling_l1", "train_adapter"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,10 +19,10 @@ from ..tuner.architectures import layer_index
 from ..tuner.config import LoFiTConfig
 from ..tuner.layer import LoFiTLayer
 from .heads import HeadSelection
-from .trainers import TrainSettings, train_adapter
+from .settings import TrainSettings
+from .trainers import train_adapter
 
 # The paper's localization hyperparameters for Llama-2-7B (TruthfulQA).
-DEFAULT_LOCALIZE_SETTINGS = dict(learning_rate=5e-3, l1_lambda=5e-4)
 
 
 def localize(
@@ -49,7 +49,7 @@ def localize(
             "localize() takes the base model, not a PeftModel: merge the existing adapter first "
             "(model = peft_model.merge_and_unload()) or pass peft_model.get_base_model() after unload()."
         )
-    settings = settings or TrainSettings(**DEFAULT_LOCALIZE_SETTINGS)
+    settings = settings or TrainSettings.localization()
     if settings.l1_lambda == 0:
         raise ValueError("localize() needs l1_lambda > 0: the L1 penalty is what separates the heads.")
     config = localization_config(init_std, target_modules=target_modules, num_heads=num_heads, head_dim=head_dim)

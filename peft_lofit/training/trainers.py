@@ -8,11 +8,8 @@ the same model with the adapter disabled, which is what TRL does when it is give
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 from peft import PeftConfig
@@ -26,73 +23,12 @@ try:
 except ImportError as error:
     raise missing_extra(error, "Training (localize, train_adapter, lofit)") from error
 
-from ..distributed import has_accelerator, is_main_process
+from ..distributed import is_main_process
 from .frozen_prefix import FrozenPrefixCache
+from .settings import TrainSettings
 from .shared_prompt import prompt_once_per_pair
 
 OBJECTIVES = ("dpo", "sft")
-
-
-@dataclass
-class TrainSettings:
-    """Hyperparameters of one training run; the defaults are the paper's (AdamW, linear decay, no warm-up)."""
-
-    learning_rate: float = 5e-3
-    epochs: float = 5
-    batch_size: int = 8
-    l1_lambda: float = 0.0
-    dpo_beta: float = 0.5
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    max_length: Optional[int] = 512
-    output_dir: str = "lofit_runs/train"
-    save_checkpoints: bool = False
-    resume_from_checkpoint: Optional[str] = None
-    logging_steps: int = 5
-    gradient_checkpointing: bool = False  # TRL turns it on by default; it only pays off when memory is short
-    precompute_ref_log_probs: bool = True  # DPO: the reference (adapter disabled) is fixed, so score it once
-    cache_frozen_layers: bool = True  # run the frozen layers below the adapter once per sequence (frozen_prefix.py)
-    score_loss_positions_only: bool = True  # output layer only where the loss reads (loss_positions_only)
-    share_prompts: bool = True  # DPO: each pair's prompt runs once (shared_prompt.py)
-    extra: dict = field(default_factory=dict)  # any other TRL / Trainer argument
-
-    def __post_init__(self):
-        for name in ("learning_rate", "epochs", "batch_size", "dpo_beta", "max_grad_norm"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a positive number, got {value!r}.")
-        if not self.l1_lambda >= 0:
-            raise ValueError(f"l1_lambda must be >= 0, got {self.l1_lambda!r}.")
-
-    def trainer_arguments(self) -> dict:
-        """TRL config arguments; ``extra`` overrides any of them."""
-        arguments = dict(
-            output_dir=self.output_dir,
-            learning_rate=self.learning_rate,
-            num_train_epochs=self.epochs,
-            per_device_train_batch_size=self.batch_size,
-            lr_scheduler_type="linear",
-            warmup_steps=0,
-            optim="adamw_torch",
-            max_grad_norm=self.max_grad_norm,
-            seed=self.seed,
-            data_seed=self.seed,
-            logging_steps=self.logging_steps,
-            save_strategy="epoch" if self.save_checkpoints else "no",
-            report_to="none",
-            max_length=self.max_length,
-            gradient_checkpointing=self.gradient_checkpointing,
-        )
-        arguments.update(self.extra)
-        # Without use_cpu Trainer does not set up DDP on a machine with no accelerator: under torchrun every process
-        # would train alone on all the data.
-        use_cpu = arguments.setdefault("use_cpu", not has_accelerator())
-        # TRL's default bf16 assumes a GPU: on only where training runs on a GPU that supports it.
-        arguments.setdefault("bf16", not use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-        return arguments
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def scaling_l1(model: torch.nn.Module) -> torch.Tensor:
