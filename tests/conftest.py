@@ -103,6 +103,11 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
 
 
+def small_run(model_dir) -> list[str]:
+    """The options of a seconds-long run on a tiny model folder: 8 training rows, 2 evaluation examples, 1 epoch."""
+    return ["--model", str(model_dir), "--train-limit", "8", "--eval-limit", "2", "--epochs", "1"]
+
+
 def tiny_model_folder(folder):
     """The tiny Llama and the tiny tokenizer saved in ``folder``, for anything that takes a ``--model`` path."""
     tiny_model("llama").save_pretrained(folder)

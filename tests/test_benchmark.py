@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_model_folder, tiny_tokenizer
+from conftest import small_run, tiny_model, tiny_model_folder, tiny_tokenizer
 
 from benchmarks.lofit_bench import cli, grid, measure, report, speed
 from benchmarks.lofit_bench.methods import COMPUTED, METHODS
@@ -25,14 +25,7 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path):
     cli.main(
         [
             "grid",
-            "--model",
-            str(model_dir),
-            "--train-limit",
-            "8",
-            "--eval-limit",
-            "2",
-            "--epochs",
-            "1",
+            *small_run(model_dir),
             "--localize-epochs",
             "1",
             "--batch-size",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_model_folder, tiny_tokenizer
+from conftest import small_run, tiny_model, tiny_model_folder, tiny_tokenizer
 from datasets import Dataset
 from peft import get_peft_model
 from safetensors.torch import load_file
@@ -92,16 +92,9 @@ def test_lofit_run_under_torchrun_equals_single_process_and_writes_once(tmp_path
     model_dir = tiny_model_folder(tmp_path / "tiny")
     common = [
         "run",
-        "--model",
-        str(model_dir),
-        "--train-limit",
-        "8",
-        "--eval-limit",
-        "2",
+        *small_run(model_dir),
         "--k",
         "2",
-        "--epochs",
-        "1",
         "--localize-epochs",
         "1",
         "--lr",

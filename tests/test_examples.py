@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model_folder
+from conftest import small_run, tiny_model_folder
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
@@ -59,14 +59,7 @@ def test_sft_clutrr(tmp_path, model_dir, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     run_example(
         "sft_clutrr.py",
-        "--model",
-        model_dir,
-        "--train-limit",
-        "8",
-        "--eval-limit",
-        "2",
-        "--epochs",
-        "1",
+        *small_run(model_dir),
         monkeypatch=monkeypatch,
     )
     assert "| LoFiT (K = 1) |" in capsys.readouterr().out

@@ -32,9 +32,7 @@ from .speed import eval_cache_speedup, interleaved_latency, training_speed
 RUN = PipelineSettings()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """One set of options shared by every subcommand (each reads the ones it needs)."""
-    options = argparse.ArgumentParser(add_help=False)
+def _data_and_methods(options) -> None:
     options.add_argument("--task", default="truthfulqa", choices=sorted(TASKS))
     options.add_argument("--model", default=None, help="HF model id or folder (default: SmolLM2-135M-Instruct)")
     options.add_argument("--data-dir", default=None)
@@ -58,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_argument(
         "--fraction", type=float, default=RUN.fraction, help=f"K as a share of all heads (default {RUN.fraction})"
     )
+
+
+def _training(options) -> None:
     options.add_argument("--train-limit", type=int, default=None, help="training rows (default: all)")
     options.add_argument("--eval-limit", type=int, default=None, help="test examples (default: all)")
     # the pipeline's defaults (the paper's recipe): one source for `lofit run` and the benchmark
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_argument("--lofit-lr", type=float, default=RUN.train.learning_rate)
     options.add_argument("--lora-lr", type=float, default=5e-4)
     options.add_argument("--ia3-lr", type=float, default=5e-3)
+
+
+def _baselines_and_sweeps(options) -> None:
     options.add_argument("--iti-alpha", type=float, default=15.0, help="ITI offset strength (ITI: 15 with K=48 on 7B)")
     options.add_argument("--repe-coefficient", type=float, default=4.0, help="RepE: c in c * r_l")
     options.add_argument(
@@ -78,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--sweep-data", nargs="*", type=int, default=[], help="training-set sizes (0 = all) for lofit and lora_r8"
     )
     options.add_argument("--sweep-k", nargs="*", type=float, default=[], help="fractions of heads for lofit")
+
+
+def _measurement(options) -> None:
     options.add_argument("--skip-latency", action="store_true")
     options.add_argument(
         "--prefill-tokens", type=int, default=256, help="latency: prefill of 8 x N tokens (default 256)"
@@ -92,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="TruthfulQA questions for the prefix-cache speed check (grid: 0 skips it)",
     )
     options.add_argument("--output", default="benchmarks/results")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One set of options shared by every subcommand (each reads the ones it needs)."""
+    options = argparse.ArgumentParser(add_help=False)
+    for add in (_data_and_methods, _training, _baselines_and_sweeps, _measurement):
+        add(options)
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.lofit_bench",
         description=__doc__,

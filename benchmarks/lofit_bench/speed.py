@@ -83,9 +83,15 @@ def training_speed(args) -> dict:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             print(f"round {round_index + 1} {variant}: epochs {[round(t, 1) for t in timer.epoch_s]} s", flush=True)
-    result = {"train_rows": len(rows), "epochs": args.epochs, "repeats": args.repeats, "variants": {}}
+    return {"train_rows": len(rows), "epochs": args.epochs, "repeats": args.repeats, "variants": speed_summary(runs)}
+
+
+def speed_summary(runs: dict[str, list[dict]]) -> dict:
+    """Per variant: median epoch times (all, and after the first), median total time, the largest peak memory and
+    kept activations, each also as a ratio to LoRA r8's."""
+    variants = {}
     for variant, measured in runs.items():
-        result["variants"][variant] = {
+        variants[variant] = {
             "epoch_s": statistics.median(t for run in measured for t in run["epoch_s"]),
             "later_epoch_s": statistics.median(t for run in measured for t in (run["epoch_s"][1:] or run["epoch_s"])),
             "total_s": statistics.median(run["total_s"] for run in measured),
@@ -93,11 +99,11 @@ def training_speed(args) -> dict:
             "saved_activations_mb": max(run["saved_activations_mb"] for run in measured),
             "runs": measured,
         }
-    lora = result["variants"]["lora_r8"]
-    for variant, value in result["variants"].items():
+    lora = variants["lora_r8"]
+    for value in variants.values():
         for key in ("epoch_s", "later_epoch_s", "total_s", "peak_memory_mb", "saved_activations_mb"):
             value[f"{key}_vs_lora_r8"] = value[key] / lora[key] if lora[key] else None
-    return result
+    return variants
 
 
 def interleaved_latency(args, methods: list[str]) -> dict:

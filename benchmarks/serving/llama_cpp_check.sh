@@ -15,27 +15,13 @@
 # CONVERTER_TRANSFORMERS (default 5.24.0, the version that wrote the checkpoints), PIP_TORCH_ARGS (e.g.
 # "--extra-index-url https://download.pytorch.org/whl/cpu" where the +cpu wheel is not found).
 set -euo pipefail
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO="$(cd "$HERE/../.." && pwd)"
-VENVS="${SERVING_VENVS:-$HOME/.cache/peft_lofit/serving_venvs}"
-WORK="${SERVING_WORK:-$HOME/.cache/peft_lofit/serving_work}"
-REPO_PYTHON="${REPO_PYTHON:-$REPO/.venv/bin/python}"
+NAME=llama_cpp_check VENV_NAME=llama_cpp
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0+cpu}"
 CONVERTER_TRANSFORMERS="${CONVERTER_TRANSFORMERS:-5.24.0}"
-VENV="$VENVS/llama_cpp"
 SRC="$VENVS/src/llama_cpp_python-$VERSION"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-1}" MAKEFLAGS="${MAKEFLAGS:--j1}"
-
-say() { echo "[llama_cpp_check] $*"; }
-run() { echo "+ $*"; "$@"; }
-
-mkdir -p "$VENVS/src" "$WORK"
-if [ ! -x "$VENV/bin/python" ]; then
-    run python3 -m venv "$VENV"
-fi
-PY="$VENV/bin/python"
 if [ ! -d "$SRC" ]; then
     if [ ! -f "$SRC.tar.gz" ]; then
         run "$PY" -m pip download --no-binary :all: --no-deps "llama-cpp-python==$VERSION" -d "$VENVS/src"

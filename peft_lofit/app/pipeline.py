@@ -117,21 +117,7 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
     rows = task.training_rows("train", data_dir=settings.data_dir, fold=settings.fold, limit=settings.train_limit)
     task.training_rows(settings.eval_split, data_dir=settings.data_dir, fold=settings.fold, limit=1)  # readable?
     timings: dict[str, float] = {}
-    search = None
-    if settings.l1_search:  # before loading: each trial loads (or copies) its own model
-        with timed(timings, "l1_search_s"):
-            search = choose_l1(settings, model, tokenizer)
-        settings.heads, settings.localize.l1_lambda = search["head_selection"], search["best"]
-    if model is None:
-        model, tokenizer = load_model_and_tokenizer(settings.model)
-    hyperparameters = None
-    if settings.search is not None:
-        with timed(timings, "search_s"):
-            hyperparameters = run_search(settings, settings.search, model, tokenizer)
-        settings = with_best_trial(settings, hyperparameters)
-    # the id the card names: the loaded model's own path says more than settings.model for a model passed in
-    name_or_path = getattr(model, "name_or_path", "")
-    hub_id, weights_source = describe_base_model(name_or_path) if name_or_path else (None, None)
+    settings, model, tokenizer, searches = _searched(settings, model, tokenizer, timings)
     for step, name in ((settings.localize, "localize"), (settings.train, "train")):
         step.output_dir = str(output / "checkpoints" / name)
         step.seed = settings.seed
@@ -151,7 +137,9 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
             peft_model, tokenizer, batch_size=settings.eval_batch_size, desc="LoFiT model", **evaluation
         )
 
-    trainable, _ = peft_model.get_nb_trainable_parameters()
+    # the id the card names: the loaded model's own path says more than settings.model for a model passed in
+    name_or_path = getattr(model, "name_or_path", "")
+    hub_id, weights_source = describe_base_model(name_or_path) if name_or_path else (None, None)
     results = {
         "task": settings.task,
         "model": settings.model or DEFAULT_MODEL,
@@ -159,12 +147,11 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
         "base_model_source": None if settings.base_model_id else weights_source,
         "heads": heads,
         "num_heads_selected": len(heads),
-        "trainable_parameters": trainable,
+        "trainable_parameters": peft_model.get_nb_trainable_parameters()[0],
         "base": base_metrics,
         "base_metrics_from_cache": base_reused,
         "lofit": lofit_metrics,
-        "l1_search": search,
-        "search": hyperparameters,
+        **searches,
         "timings_s": {key: round(value, 1) for key, value in timings.items()},
         "settings": _jsonable(asdict(settings)),
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
@@ -174,6 +161,24 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
         atomic_write_json(output / "metrics.json", results)
         publishable(output, results)
     return results
+
+
+def _searched(settings: PipelineSettings, model, tokenizer, timings: dict):
+    """Run the searches the settings ask for (``l1_search``, then ``search``) and apply their winners; returns the
+    settings, the model and tokenizer (loaded here when not given) and the searches' records for ``metrics.json``."""
+    searches = {"l1_search": None, "search": None}
+    if settings.l1_search:  # before loading: each trial loads (or copies) its own model
+        with timed(timings, "l1_search_s"):
+            searches["l1_search"] = choose_l1(settings, model, tokenizer)
+        settings.heads = searches["l1_search"]["head_selection"]
+        settings.localize.l1_lambda = searches["l1_search"]["best"]
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(settings.model)
+    if settings.search is not None:
+        with timed(timings, "search_s"):
+            searches["search"] = run_search(settings, settings.search, model, tokenizer)
+        settings = with_best_trial(settings, searches["search"])
+    return settings, model, tokenizer, searches
 
 
 def choose_l1(settings: PipelineSettings, model=None, tokenizer=None, split: str = L1_SEARCH_SPLIT) -> dict:

@@ -55,23 +55,28 @@ def model_card(config: dict, metrics: Optional[dict] = None, repo_id: Optional[s
     is one), never a local path; without one the card says how to add it.
     """
     metrics = metrics or {}
-    # a card never names a local path
     base_model = next(
         (name for name in (metrics.get("base_model_id"), config.get("base_model_name_or_path")) if is_hub_id(name)),
         None,
     )
-    task = metrics.get("task")
-    heads = config.get("heads")
-    vectors = [
-        name for name, on in (("scaling A", config.get("use_scaling")), ("offset v", config.get("use_offset"))) if on
-    ]
-    load_id = repo_id or "path/to/this/adapter"
     parts = [
-        _front_matter(base_model, task),
+        _front_matter(base_model, metrics.get("task")),
         f"# LoFiT adapter{f' for {base_model}' if base_model else ''}",
         "A [LoFiT](https://arxiv.org/abs/2406.01563) adapter (Localized Fine-tuning on LLM Representations): it adds a "
         "learned vector to the output of a few attention heads, `z_h <- (1 + A_h) * z_h + v_h`, and changes nothing "
         "else in the model.",
+        *_loading_section(base_model, repo_id or "path/to/this/adapter"),
+        *_adapter_section(config, metrics, base_model),
+        *_training_section(metrics),
+        *_search_section(metrics),
+        *_results_section(metrics),
+        "Made with [peft_lofit](https://pypi.org/project/peft_lofit/).",
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def _loading_section(base_model: Optional[str], load_id: str) -> list[str]:
+    return [
         "## How to load",
         "```bash\npip install peft_lofit\n```",
         "```python\nimport peft_lofit  # registers LoFiT with PEFT\nfrom peft import PeftModel\n"
@@ -79,52 +84,70 @@ def model_card(config: dict, metrics: Optional[dict] = None, repo_id: Optional[s
         f"base = AutoModelForCausalLM.from_pretrained({base_model or '...'!r})\n"
         f"model = PeftModel.from_pretrained(base, {load_id!r})\n"
         "merged = model.merge_and_unload()  # optional: a plain transformers model, offsets in o_proj's bias\n```",
+    ]
+
+
+def _adapter_section(config: dict, metrics: dict, base_model: Optional[str]) -> list[str]:
+    heads = config.get("heads")
+    vectors = [
+        name for name, on in (("scaling A", config.get("use_scaling")), ("offset v", config.get("use_offset"))) if on
+    ]
+    if base_model:
+        source = metrics.get("base_model_source")
+        base_line = f"- base model: {base_model}" + (f", trained on {source}" if source else "")
+    else:
+        base_line = "- base model: not recorded (a local folder); rerun `lofit run` with `--base-model-id`"
+    where = (
+        "every head of every targeted layer"
+        if heads is None
+        else ", ".join(f"[{layer}, {head}]" for layer, head in heads)
+    )
+    return [
         "## Adapter",
-        f"- base model: {base_model}"
-        + (f", trained on {metrics['base_model_source']}" if metrics.get("base_model_source") else "")
-        if base_model
-        else "- base model: not recorded (a local folder); rerun `lofit run` with `--base-model-id`",
+        base_line,
         f"- vectors: {', '.join(vectors) or 'none'}",
-        f"- heads ({'all' if heads is None else len(heads)}): "
-        + (
-            "every head of every targeted layer"
-            if heads is None
-            else ", ".join(f"[{layer}, {head}]" for layer, head in heads)
-        ),
+        f"- heads ({'all' if heads is None else len(heads)}): {where}",
         f"- target modules: {config.get('target_modules')}",
     ]
-    if task:
-        settings = metrics.get("settings", {})
-        parts += [
-            "## Training",
-            f"- task: {task} (objective as in the LoFiT paper), training rows: "
-            f"{settings.get('train_limit') or 'all'}, fold {settings.get('fold', 0)}",
-            _heads_line(metrics),
-            f"- trained numbers: {metrics.get('trainable_parameters')}",
-        ]
-    if metrics.get("search"):
-        search, best = metrics["search"], metrics["search"]["best"]
-        parts += [
-            "## Hyperparameter search",
-            f"Chosen by {search['metric']} on the {search['split']} split ({search['strategy']}; every trial in "
-            f"`search/trials.md` of the run): L1 weight {best['l1']:g}, K = {best['k']}, learning rate "
-            f"{best['learning_rate']:g}, {best['epochs']:g} epochs ({search['metric']} {best['score']:.4f}).",
-        ]
-    if metrics.get("base") and metrics.get("lofit"):
-        names = [key for key in metrics["lofit"] if key != "n"]
-        parts += [
-            "## Results",
-            f"{metrics.get('settings', {}).get('eval_split', 'test')} split, {metrics['lofit'].get('n')} examples:",
-            markdown_table(
-                ("model", *names),
-                [
-                    (model, *(f"{metrics[key][n]:.3f}" for n in names))
-                    for model, key in (("base", "base"), ("LoFiT", "lofit"))
-                ],
-            ),
-        ]
-    parts.append("Made with [peft_lofit](https://pypi.org/project/peft_lofit/).")
-    return "\n\n".join(parts) + "\n"
+
+
+def _training_section(metrics: dict) -> list[str]:
+    if not metrics.get("task"):
+        return []
+    settings = metrics.get("settings", {})
+    return [
+        "## Training",
+        f"- task: {metrics['task']} (objective as in the LoFiT paper), training rows: "
+        f"{settings.get('train_limit') or 'all'}, fold {settings.get('fold', 0)}",
+        _heads_line(metrics),
+        f"- trained numbers: {metrics.get('trainable_parameters')}",
+    ]
+
+
+def _search_section(metrics: dict) -> list[str]:
+    if not metrics.get("search"):
+        return []
+    search, best = metrics["search"], metrics["search"]["best"]
+    return [
+        "## Hyperparameter search",
+        f"Chosen by {search['metric']} on the {search['split']} split ({search['strategy']}; every trial in "
+        f"`search/trials.md` of the run): L1 weight {best['l1']:g}, K = {best['k']}, learning rate "
+        f"{best['learning_rate']:g}, {best['epochs']:g} epochs ({search['metric']} {best['score']:.4f}).",
+    ]
+
+
+def _results_section(metrics: dict) -> list[str]:
+    if not (metrics.get("base") and metrics.get("lofit")):
+        return []
+    names = [key for key in metrics["lofit"] if key != "n"]
+    rows = [
+        (model, *(f"{metrics[key][n]:.3f}" for n in names)) for model, key in (("base", "base"), ("LoFiT", "lofit"))
+    ]
+    return [
+        "## Results",
+        f"{metrics.get('settings', {}).get('eval_split', 'test')} split, {metrics['lofit'].get('n')} examples:",
+        markdown_table(("model", *names), rows),
+    ]
 
 
 def write_model_card(folder, metrics: Optional[dict] = None, repo_id: Optional[str] = None) -> Path:
