@@ -9,7 +9,7 @@ from peft import get_peft_model
 from test_training import dpo_run
 
 from peft_lofit import LoFiTConfig
-from peft_lofit.training.frozen_prefix import FrozenPrefixCache
+from peft_lofit.training.frozen_prefix import FrozenPrefixCache, _keyable_4d_mask
 
 FAMILIES = ["llama", "gemma2", "gpt2", "gpt_neox", "opt"]
 HEADS = [[2, 1], [3, 0]]  # the lowest adapted layer is 2 of 4
@@ -202,3 +202,18 @@ def test_dpo_training_with_the_cache_equals_training_without(tmp_path):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain_losses), atol=1e-6, rtol=1e-5)
     for name, value in offsets.items():
         torch.testing.assert_close(value, plain_offsets[name], atol=1e-6, rtol=1e-5)
+
+
+def test_4d_masks_are_cached_only_when_they_describe_their_rows():
+    ids, positions = torch.tensor([[5, 6, 7], [8, 9, 10]]), {"position_ids": torch.arange(3).expand(2, 3)}
+    causal = torch.ones(3, 3, dtype=torch.bool).tril()
+    rows = causal.expand(2, 1, 3, 3)
+    additive = torch.zeros(2, 1, 3, 3).masked_fill(~rows, torch.finfo(torch.float32).min)
+    assert _keyable_4d_mask(rows, ids, positions) and _keyable_4d_mask(additive, ids, positions)
+    assert not _keyable_4d_mask(rows, ids, {})  # where the tokens are is not in the mask
+    assert not _keyable_4d_mask(causal.expand(1, 1, 3, 3), ids, positions)  # one mask broadcast over the batch
+    assert not _keyable_4d_mask(causal.expand(2, 2, 3, 3), ids, positions)  # one per head
+    assert not _keyable_4d_mask(additive + 0.5 * rows, ids, positions)  # a bias baked into the mask
+    attends_padding = rows.clone()
+    attends_padding[:, :, 1, 1] = False  # token 1 is padding (does not attend to itself), token 2 still sees it
+    assert not _keyable_4d_mask(attends_padding, ids, positions)

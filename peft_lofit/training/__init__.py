@@ -1,7 +1,9 @@
 """Training LoFiT on TRL's trainers: step 1 (``localize``: scalings under L1, heads ranked) and step 2
 (``train_adapter``: offsets on the chosen heads), with the exact speed-ups they use.
 
-- ``trainers``: ``TrainSettings``, the DPO / SFT trainers with the L1 penalty, ``build_trainer``, ``train_adapter``
+- ``settings``: ``TrainSettings``, with the paper's step-1 and step-2 recipes
+- ``trainers``: the DPO / SFT trainers with the L1 penalty and the exact speed-ups, ``build_trainer``,
+  ``train_adapter``
 - ``localize``: step 1, returning a ``HeadSelection``
 - ``heads``: ``HeadSelection`` (scores, top-K, save / load, heatmap), random heads
 - ``frozen_prefix``: the frozen layers below the adapter computed once per sequence

@@ -12,7 +12,7 @@ A sequence is identified by its real tokens and their positions, so the cache is
 padded (left or right) or shuffled: a real token only attends to real tokens at earlier positions. Rows with a 4-D
 mask and explicit positions (``shared_prompt``'s packed DPO pairs) are identified by their real tokens, positions and
 who attends whom among them. The results equal
-the plain forward up to float rounding (tested: losses, gradients and whole training runs).
+the plain forward up to float rounding: losses, gradients and whole training runs.
 
 The cache is used only while it is exact: nothing trainable and no PEFT module outside the layers from the boundary
 up (checked on entry), and per batch no active dropout there, no KV cache (generation), no ``inputs_embeds`` and no
@@ -22,6 +22,7 @@ where ranks must run the same layers, ``train_adapter`` does not use it.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -164,8 +165,7 @@ class FrozenPrefixCache:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         stochastic = any(m.training for m in self._stochastic)
         mask = kwargs.get("attention_mask")
-        # a 4-D mask says who attends whom, not where the positions are: only with explicit position ids
-        custom_mask = mask is not None and mask.dim() != 2 and (mask.dim() != 4 or kwargs.get("position_ids") is None)
+        custom_mask = mask is not None and mask.dim() != 2 and not _keyable_4d_mask(mask, input_ids, kwargs)
         if (
             input_ids is None
             or kwargs.get("inputs_embeds") is not None
@@ -238,6 +238,28 @@ def _uses_kv_cache(kwargs: dict) -> bool:
     return kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None
 
 
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, T) booleans of a (B, 1, T, T) boolean or additive (0 where allowed) mask."""
+    pattern = mask[:, 0].detach().cpu()
+    return pattern if pattern.dtype == torch.bool else pattern == 0
+
+
+def _keyable_4d_mask(mask: torch.Tensor, input_ids, kwargs) -> bool:
+    """Whether a 4-D mask fully describes its rows, so that rows can be cached by (tokens, positions, mask): one mask
+    per row (B, 1, T, T), explicit position ids (the mask says who attends whom, not where tokens are), boolean or
+    additive with only 0 and the dtype's minimum (no biases), and real tokens (those that attend to themselves)
+    attending to real tokens only."""
+    if input_ids is None or kwargs.get("position_ids") is None or mask.dim() != 4:
+        return False
+    if mask.shape[0] != input_ids.shape[0] or mask.shape[1] != 1 or mask.shape[2] != mask.shape[3]:
+        return False
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == torch.finfo(mask.dtype).min)).all()):
+        return False
+    allowed = _allowed(mask)
+    real = allowed.diagonal(dim1=1, dim2=2)  # (B, T)
+    return not bool((allowed & real[:, :, None] & ~real[:, None, :]).any())
+
+
 def _sequence_keys(input_ids: torch.Tensor, attention_mask, position_ids) -> tuple[list[bytes], list[torch.Tensor]]:
     """Per row: a key made of the real tokens and their positions, and the boolean mask of the real tokens.
 
@@ -250,8 +272,7 @@ def _sequence_keys(input_ids: torch.Tensor, attention_mask, position_ids) -> tup
     if attention_mask is None:
         mask = torch.ones_like(ids, dtype=torch.bool)
     elif attention_mask.dim() == 4:
-        pattern = attention_mask[:, 0].detach().cpu()
-        pattern = pattern if pattern.dtype == torch.bool else pattern == 0  # (B, T, T)
+        pattern = _allowed(attention_mask)  # (B, T, T)
         mask = pattern.diagonal(dim1=1, dim2=2)
     else:
         mask = attention_mask.detach().cpu().bool()
@@ -261,8 +282,8 @@ def _sequence_keys(input_ids: torch.Tensor, attention_mask, position_ids) -> tup
         where = mask[row]
         index = torch.nonzero(where).flatten() if positions is None else positions[row][where]
         key = ids[row][where].numpy().tobytes() + b"|" + index.numpy().tobytes()
-        if pattern is not None:
-            key += b"|" + pattern[row][where][:, where].numpy().tobytes()
+        if pattern is not None:  # who attends whom among the real tokens, as a digest (not n^2 bytes per row)
+            key += b"|" + hashlib.sha256(pattern[row][where][:, where].numpy().tobytes()).digest()
         keys.append(key)
         real.append(where.to(input_ids.device))
     return keys, real

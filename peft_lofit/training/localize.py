@@ -22,8 +22,6 @@ from .heads import HeadSelection
 from .settings import TrainSettings
 from .trainers import train_adapter
 
-# The paper's localization hyperparameters for Llama-2-7B (TruthfulQA).
-
 
 def localize(
     model,

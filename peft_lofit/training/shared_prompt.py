@@ -12,13 +12,15 @@ token as that token predicts the first chosen one). Every completion token then 
 it sees in TRL's batch: the per-token log-probabilities, and so the losses and gradients, are the same up to float
 rounding, for ``p + c + 1 + r`` tokens per pair instead of ``2p + c + r`` plus padding.
 
-Used only where that holds: the families in ``PACKABLE_MODEL_TYPES`` with eager or SDPA attention and no
-sliding-window layers, and batches that have the pair structure (same prompt tokens, right padding, completions at
-the end). Anything else runs TRL's plain path.
+Used only where that holds: the families in ``PACKABLE_MODEL_TYPES`` with eager or SDPA attention, packed rows no
+longer than a sliding window, and batches that have the pair structure (same prompt tokens, right padding,
+completions at the end). Anything else runs TRL's plain path. The patch is on the model object while the context is
+active: two trainers must not train the same model in threads at once.
 """
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
@@ -26,7 +28,7 @@ from typing import Optional
 import torch
 
 PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-# Families whose every layer takes the 4-D mask and the position ids as given (tested against the plain path). OPT,
+# Families whose every layer takes the 4-D mask and the position ids as given (tests/test_training.py). OPT,
 # for one, derives its learned positions from the mask and would not be exact.
 PACKABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox")
 
@@ -36,11 +38,14 @@ def can_pack(model) -> bool:
     config = getattr(model, "config", None)
     if config is None or getattr(config, "model_type", None) not in PACKABLE_MODEL_TYPES:
         return False
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    sliding = getattr(text, "sliding_window", None) is not None or "sliding_attention" in (
-        getattr(text, "layer_types", None) or ()
-    )
-    return getattr(config, "_attn_implementation", None) in ("eager", "sdpa") and not sliding
+    return getattr(config, "_attn_implementation", None) in ("eager", "sdpa")
+
+
+def longest_packed_row(model) -> Optional[int]:
+    """The longest packed row that stays exact: a sliding window (Mistral v0.1's 4,096, Qwen2's sliding layers) only
+    cuts attention in rows longer than it, and the custom mask replaces it; None when there is no window."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "sliding_window", None)
 
 
 @dataclass
@@ -133,12 +138,17 @@ def prompt_once_per_pair(model, enabled: bool = True):
         return
     fused_forward = model.forward
     implementation = model.config._attn_implementation
+    window = longest_packed_row(model)
 
+    @functools.wraps(fused_forward)
     def forward(*args, fused_lm_head=False, labels=None, **kwargs):
         plain = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "use_cache")}
         packed = None
-        if fused_lm_head and labels is not None and not args and not any(v is not None for v in plain.values()):
-            packed = pack_pairs(kwargs["input_ids"], kwargs.get("attention_mask"), labels)
+        if fused_lm_head and labels is not None and kwargs.get("input_ids") is not None and not args:
+            if not any(v is not None for v in plain.values()):
+                packed = pack_pairs(kwargs["input_ids"], kwargs.get("attention_mask"), labels)
+        if packed is not None and window is not None and packed.input_ids.shape[1] > window:
+            packed = None  # the sliding window would cut these rows: the plain path applies it
         if packed is None:
             return fused_forward(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
         output = fused_forward(

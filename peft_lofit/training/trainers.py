@@ -39,14 +39,16 @@ def scaling_l1(model: torch.nn.Module) -> torch.Tensor:
 
 @contextlib.contextmanager
 def loss_positions_only(enabled: bool = True):
-    """While active, TRL's fused LM head runs the output layer only at the positions the loss reads, on every device.
+    """While active, TRL's fused LM head runs the output layer only at the positions the loss reads, on CPUs too.
 
     TRL's trainers score ``model(..., labels=labels, fused_lm_head=True)`` (``trl.trainer.utils.add_fused_lm_head``):
     on Triton devices (CUDA, XPU) only the rows whose label is not -100 go through the output layer and the
     log-softmax; elsewhere every position does (fixed tile shapes, for backends that compile per shape). Nothing is
     compiled on a CPU, so this takes TRL's compact path there too. The per-token log-probabilities are the same (each
     row is scored on its own) and so are the losses and gradients; the saving is the output layer's share of the
-    prompt positions (49,152 words x 576 features per position for SmolLM2), forward and backward.
+    prompt positions (49,152 words x 576 features per position for SmolLM2), forward and backward. The switch is
+    TRL's module-level dispatch: while a context is active it holds for every fused-head call in the process (with the
+    same values), so trainers in concurrent threads should not enter and leave it out of order.
     """
     device_has_compact_path = getattr(trl_utils, "_use_triton", None)
     if not enabled or device_has_compact_path is None:  # switched off, or a TRL without this dispatch
@@ -159,7 +161,7 @@ def build_trainer(
         args = DPOConfig(
             beta=settings.dpo_beta,
             # TRL's precomputation shares an in-memory dataset cache that other processes cannot open: under DDP
-            # the reference is recomputed each step instead (same result, tested).
+            # the reference is recomputed each step instead (same result).
             precompute_ref_log_probs=settings.precompute_ref_log_probs and int(os.environ.get("WORLD_SIZE", "1")) == 1,
             precompute_ref_batch_size=2 * settings.batch_size,
             **settings.trainer_arguments(),

@@ -176,7 +176,7 @@ class MultipleChoiceScorer:
         length = prefix
         while length < limit and all(ids[length] == reference[length] for ids, _ in rows):
             length += 1
-        return length
+        return length if length <= limit else 0  # an answer inside the prefix: score from scratch
 
     def _tokens(self, question: str, answer: str) -> tuple[list[int], int]:
         """Token ids of the full scoring text, and the index of the first token that reaches into the answer."""
