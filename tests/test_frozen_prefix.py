@@ -9,7 +9,7 @@ from peft import get_peft_model
 from test_training import dpo_run
 
 from peft_lofit import LoFiTConfig
-from peft_lofit.training.frozen_prefix import FrozenPrefixCache, _keyable_4d_mask
+from peft_lofit.training.frozen_prefix import FrozenPrefixCache, _keyable_4d_pattern
 
 FAMILIES = ["llama", "gemma2", "gpt2", "gpt_neox", "opt"]
 HEADS = [[2, 1], [3, 0]]  # the lowest adapted layer is 2 of 4
@@ -209,11 +209,12 @@ def test_4d_masks_are_cached_only_when_they_describe_their_rows():
     causal = torch.ones(3, 3, dtype=torch.bool).tril()
     rows = causal.expand(2, 1, 3, 3)
     additive = torch.zeros(2, 1, 3, 3).masked_fill(~rows, torch.finfo(torch.float32).min)
-    assert _keyable_4d_mask(rows, ids, positions) and _keyable_4d_mask(additive, ids, positions)
-    assert not _keyable_4d_mask(rows, ids, {})  # where the tokens are is not in the mask
-    assert not _keyable_4d_mask(causal.expand(1, 1, 3, 3), ids, positions)  # one mask broadcast over the batch
-    assert not _keyable_4d_mask(causal.expand(2, 2, 3, 3), ids, positions)  # one per head
-    assert not _keyable_4d_mask(additive + 0.5 * rows, ids, positions)  # a bias baked into the mask
+    assert _keyable_4d_pattern(rows, ids, positions) is not None
+    assert _keyable_4d_pattern(additive, ids, positions) is not None
+    assert _keyable_4d_pattern(rows, ids, {}) is None  # where the tokens are is not in the mask
+    assert _keyable_4d_pattern(causal.expand(1, 1, 3, 3), ids, positions) is None  # one mask broadcast over the batch
+    assert _keyable_4d_pattern(causal.expand(2, 2, 3, 3), ids, positions) is None  # one per head
+    assert _keyable_4d_pattern(additive + 0.5 * rows, ids, positions) is None  # a bias baked into the mask
     attends_padding = rows.clone()
     attends_padding[:, :, 1, 1] = False  # token 1 is padding (does not attend to itself), token 2 still sees it
-    assert not _keyable_4d_mask(attends_padding, ids, positions)
+    assert _keyable_4d_pattern(attends_padding, ids, positions) is None

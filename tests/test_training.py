@@ -217,11 +217,11 @@ def test_prompt_once_per_pair_equals_the_plain_dpo_path(tmp_path, monkeypatch, f
     )  # fmt: skip
     plain = dpo_run(tmp_path, "plain", share_prompts=False, **common)
     monkeypatch.setattr("peft_lofit.training.shared_prompt.pack_pairs", recording_pack_pairs)
-    shared = dpo_run(tmp_path, "shared", with_trainer=True, **common)
-    assert_same_run(shared, plain)
+    packed_run = dpo_run(tmp_path, "packed", with_trainer=True, **common)
+    assert_same_run(packed_run, plain)
     # the reference pass (2 batches of 2 x 2 pairs) and 2 epochs of 4 micro-batches
     assert len(packed_batches) == (10 if packs else 0) and all(batch is not None for batch in packed_batches)
-    stats = shared[2].frozen_prefix_stats
+    stats = packed_run[2].frozen_prefix_stats
     if cache and packs:
         assert stats.hits > 0 and stats.bypassed == 0  # packed rows are cached too
 
@@ -240,8 +240,8 @@ def test_a_sliding_window_shorter_than_the_packed_rows_keeps_the_plain_path(tmp_
     monkeypatch.setattr("peft_lofit.training.shared_prompt.pack_pairs", recording_pack_pairs)
     common = dict(heads=[[1, 2]], family="mistral", model_config={"sliding_window": window}, epochs=1)
     plain = dpo_run(tmp_path, "plain", share_prompts=False, **common)
-    shared = dpo_run(tmp_path, "shared", **common)
-    assert_same_run(shared, plain)
+    packed_run = dpo_run(tmp_path, "packed", **common)
+    assert_same_run(packed_run, plain)
     assert packed and all(batch is not None for batch in packed)  # the batches have the pair structure either way
     assert shared_prompt.longest_packed_row(tiny_model("mistral", sliding_window=window)) == window
     assert (max(batch.input_ids.shape[1] for batch in packed) <= window) == packs

@@ -165,7 +165,9 @@ class FrozenPrefixCache:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         stochastic = any(m.training for m in self._stochastic)
         mask = kwargs.get("attention_mask")
-        custom_mask = mask is not None and mask.dim() != 2 and not _keyable_4d_mask(mask, input_ids, kwargs)
+        four_d = mask is not None and mask.dim() != 2
+        pattern = _keyable_4d_pattern(mask, input_ids, kwargs) if four_d else None  # read once per batch
+        custom_mask = four_d and pattern is None
         if (
             input_ids is None
             or kwargs.get("inputs_embeds") is not None
@@ -178,7 +180,7 @@ class FrozenPrefixCache:
             self._batch = None
             self.stats.bypassed += 1
             return
-        keys, real = _sequence_keys(input_ids, mask, kwargs.get("position_ids"))
+        keys, real = _sequence_keys(input_ids, None if four_d else mask, kwargs.get("position_ids"), pattern)
         hit = all(key in self._store for key in keys)
         self._batch = {"keys": keys, "real": real, "hit": hit}
         self.stats.hits += hit
@@ -244,36 +246,37 @@ def _allowed(mask: torch.Tensor) -> torch.Tensor:
     return pattern if pattern.dtype == torch.bool else pattern == 0
 
 
-def _keyable_4d_mask(mask: torch.Tensor, input_ids, kwargs) -> bool:
-    """Whether a 4-D mask fully describes its rows, so that rows can be cached by (tokens, positions, mask): one mask
-    per row (B, 1, T, T), explicit position ids (the mask says who attends whom, not where tokens are), boolean or
-    additive with only 0 and the dtype's minimum (no biases), and real tokens (those that attend to themselves)
-    attending to real tokens only."""
+def _keyable_4d_pattern(mask: torch.Tensor, input_ids, kwargs) -> Optional[torch.Tensor]:
+    """Who attends whom, (B, T, T) on the CPU, of a 4-D mask that fully describes its rows, so that rows can be
+    cached by (tokens, positions, mask); None for any other mask. Such a mask is one per row (B, 1, T, T), comes with
+    explicit position ids (it says who attends whom, not where tokens are), is boolean or additive with only 0 and
+    the dtype's minimum (no biases), and lets real tokens (those that attend to themselves) attend to real tokens
+    only."""
     if input_ids is None or kwargs.get("position_ids") is None or mask.dim() != 4:
-        return False
+        return None
     if mask.shape[0] != input_ids.shape[0] or mask.shape[1] != 1 or mask.shape[2] != mask.shape[3]:
-        return False
+        return None
     if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == torch.finfo(mask.dtype).min)).all()):
-        return False
+        return None
     allowed = _allowed(mask)
     real = allowed.diagonal(dim1=1, dim2=2)  # (B, T)
-    return not bool((allowed & real[:, :, None] & ~real[:, None, :]).any())
+    return None if bool((allowed & real[:, :, None] & ~real[:, None, :]).any()) else allowed
 
 
-def _sequence_keys(input_ids: torch.Tensor, attention_mask, position_ids) -> tuple[list[bytes], list[torch.Tensor]]:
+def _sequence_keys(
+    input_ids: torch.Tensor, attention_mask, position_ids, pattern: Optional[torch.Tensor] = None
+) -> tuple[list[bytes], list[torch.Tensor]]:
     """Per row: a key made of the real tokens and their positions, and the boolean mask of the real tokens.
 
-    With a 2-D (padding) mask a real token attends to the real tokens before it. With a 4-D mask (boolean, or
-    additive with 0 where allowed; e.g. ``shared_prompt``'s packed pairs) the real tokens are those that attend to
-    themselves (padding must not), and the key also holds who attends whom among them.
+    With a 2-D (padding) mask a real token attends to the real tokens before it. With the ``pattern`` of a 4-D mask
+    (``_keyable_4d_pattern``; e.g. ``shared_prompt``'s packed pairs) the real tokens are those that attend to
+    themselves, and the key also holds who attends whom among them.
     """
     ids = input_ids.detach().cpu().long()
-    pattern = None
-    if attention_mask is None:
-        mask = torch.ones_like(ids, dtype=torch.bool)
-    elif attention_mask.dim() == 4:
-        pattern = _allowed(attention_mask)  # (B, T, T)
+    if pattern is not None:
         mask = pattern.diagonal(dim1=1, dim2=2)
+    elif attention_mask is None:
+        mask = torch.ones_like(ids, dtype=torch.bool)
     else:
         mask = attention_mask.detach().cpu().bool()
     positions = None if position_ids is None else position_ids.detach().cpu().long().expand_as(ids)
