@@ -169,6 +169,16 @@ def test_exact_match_normalisation(module, prediction, answers, hit):
     assert exact_match_accuracy([prediction], [GenerationExample("p", answers)], normalize) == float(hit)
 
 
+def test_clutrr_trains_on_the_first_300_rows_as_the_paper():
+    task, every_row = get_task("clutrr"), clutrr.load("train")
+    rows = task.training_rows("train")
+    assert len(every_row) == 3151 and len(rows) == 300
+    assert [row["completion"] for row in rows] == [example.completion for example in every_row[:300]]
+    assert len(task.training_rows("train", limit=1000)) == 1000  # a limit says how many, past the default too
+    assert len(task.training_rows("val")) == len(clutrr.load("val"))  # other splits are whole
+    assert len(get_task("mquake").training_rows("train")) == len(mquake.load("train"))
+
+
 def test_generation_eval_runs_batched():
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
     task = get_task("clutrr")

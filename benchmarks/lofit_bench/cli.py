@@ -8,6 +8,8 @@ evaluation; and the speed and latency measurements. Subcommands (run from the re
     python -m benchmarks.lofit_bench latency --methods lofit lora_r8        # untrained adapters, round-robin
     python -m benchmarks.lofit_bench eval-speed                             # TruthfulQA prefix cache on / off
     python -m benchmarks.lofit_bench combine a/results.json b/results.json  # one table from several runs
+    python -m benchmarks.lofit_bench headline --task truthfulqa --fold 0    # tuned methods x 3 seeds (resumes)
+    python -m benchmarks.lofit_bench headline-report                        # tables + plot into the READMEs
 
 Every command writes JSON (and the grid Markdown and PNG plots) to ``--output`` (default ``benchmarks/results``).
 """
@@ -15,6 +17,8 @@ Every command writes JSON (and the grid Markdown and PNG plots) to ``--output`` 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 
 import torch
@@ -25,6 +29,8 @@ from peft_lofit.app.tasks import TASKS, get_task
 from peft_lofit.io import atomic_write_json
 
 from .grid import run_grid
+from .headline import HEADLINE_METHODS, Headline
+from .headline_report import write_report
 from .methods import METHODS
 from .report import combine
 from .speed import eval_cache_speedup, interleaved_latency, training_speed
@@ -120,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("eval-speed", parents=[options], help="TruthfulQA scoring with and without the prefix cache")
     combined = commands.add_parser("combine", parents=[options], help="one table from earlier results.json files")
     combined.add_argument("files", nargs="+", metavar="RESULTS_JSON")
+    headline = commands.add_parser(
+        "headline", parents=[options], help="every method tuned on val, then trained with 3 seeds (headline.py)"
+    )
+    headline.set_defaults(methods=list(HEADLINE_METHODS), seeds=[42, 43, 44])
+    headline.add_argument("--work-dir", default="lofit_runs/headline", help="adapters and trial folders")
+    reported = commands.add_parser("headline-report", parents=[options], help="headline.json to tables and plot")
+    reported.add_argument("--readmes", nargs="*", default=["README.md", "benchmarks/README.md"], type=Path)
     return parser
 
 
@@ -169,6 +182,14 @@ def main(argv=None) -> dict:
         atomic_write_json(output / "train_speed.json", result)
         print_train_speed(result)
         return {"train_speed": result}
+    if args.command == "headline":
+        return {"headline": Headline(args).run()}
+    if args.command == "headline-report":
+        rows = json.loads((output / "headline.json").read_text(encoding="utf-8"))
+        command = "python -m benchmarks.lofit_bench " + " ".join(argv if argv is not None else sys.argv[1:])
+        tables = write_report(rows, output, args.readmes, command)
+        print(tables)
+        return {"headline_report": tables}
     if args.command == "eval-speed":
         return {"eval_speed": eval_speed(args, output)}
     measured = eval_speed(args, output) if args.task == "truthfulqa" and args.eval_speed_questions else None

@@ -147,6 +147,7 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
         "base_model_source": None if settings.base_model_id else weights_source,
         "heads": heads,
         "num_heads_selected": len(heads),
+        "train_rows": len(rows),
         "trainable_parameters": peft_model.get_nb_trainable_parameters()[0],
         "base": base_metrics,
         "base_metrics_from_cache": base_reused,

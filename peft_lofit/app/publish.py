@@ -118,7 +118,7 @@ def _training_section(metrics: dict) -> list[str]:
     return [
         "## Training",
         f"- task: {metrics['task']} (objective as in the LoFiT paper), training rows: "
-        f"{settings.get('train_limit') or 'all'}, fold {settings.get('fold', 0)}",
+        f"{metrics.get('train_rows') or settings.get('train_limit') or 'all'}, fold {settings.get('fold', 0)}",
         _heads_line(metrics),
         f"- trained numbers: {metrics.get('trainable_parameters')}",
     ]

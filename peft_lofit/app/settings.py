@@ -58,7 +58,10 @@ class PipelineSettings:
     train_both_vectors: bool = field(
         default=False, metadata={"help": "step 2 trains A and v (default: v only, as the paper)"}
     )
-    train_limit: Optional[int] = field(default=None, metadata={"help": "use only the first N training rows"})
+    train_limit: Optional[int] = field(
+        default=None,
+        metadata={"help": "use only the first N training rows (default: all; CLUTRR: the first 300, as the paper)"},
+    )
     eval_split: str = field(default="test", metadata={"help": "split to evaluate"})
     eval_limit: Optional[int] = field(default=None, metadata={"help": "evaluate only the first N examples"})
     eval_batch_size: int = field(

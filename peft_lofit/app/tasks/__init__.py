@@ -5,7 +5,7 @@ task        objective training rows                                metrics
 =========== ========= ============================================ =========================
 truthfulqa  dpo       prompt / chosen / rejected                   mc1, mc2, mc3
 mquake      sft       prompt / completion                          accuracy (exact match)
-clutrr      sft       prompt / completion                          accuracy (exact match)
+clutrr      sft       prompt / completion (first 300 train rows)   accuracy (exact match)
 =========== ========= ============================================ =========================
 """
 
@@ -25,6 +25,7 @@ class Task:
     _rows: Callable
     _evaluate: Callable
     _files: Callable  # (split, data_dir, fold) -> the files an evaluation of that split reads
+    train_size: Optional[int] = None  # the paper's training-set size: the first N rows of the train split (None: all)
 
     def data_files(self, split: str = "test", data_dir=None, fold: int = 0) -> list:
         """Every file ``evaluate`` reads for ``split``: what a cached result must be keyed by."""
@@ -33,6 +34,9 @@ class Task:
     def training_rows(
         self, split: str = "train", data_dir=None, fold: int = 0, limit: Optional[int] = None
     ) -> list[dict]:
+        """The first ``limit`` rows of ``split``; for the train split ``limit`` defaults to ``train_size``."""
+        if limit is None and split == "train":
+            limit = self.train_size
         return self._rows(split, data_dir, fold)[:limit]
 
     @property
@@ -80,7 +84,8 @@ TASKS = {
         "truthfulqa", "dpo", ("mc1", "mc2", "mc3"), _truthfulqa_rows, _truthfulqa_evaluate, _truthfulqa_files
     ),
     "mquake": Task("mquake", "sft", ("accuracy",), *_generation_task(mquake)),
-    "clutrr": Task("clutrr", "sft", ("accuracy",), *_generation_task(clutrr)),
+    # the paper trains CLUTRR on 300 examples: the first 300 of the 3,151 rows of train.json, in file order
+    "clutrr": Task("clutrr", "sft", ("accuracy",), *_generation_task(clutrr), train_size=300),
 }
 
 

@@ -1,0 +1,168 @@
+"""The headline comparison on a tiny model: tuning on val with one budget, the winner on test under each seed, rows
+written as they finish and resumed, and the report built from the rows alone."""
+
+import json
+import statistics
+
+import pytest
+from conftest import small_run, tiny_model_folder
+
+from benchmarks.lofit_bench import cli, headline
+from benchmarks.lofit_bench.headline import ROW_FIELDS, Space
+from benchmarks.lofit_bench.headline_report import END, START, TWO_FOLDS, groups, write_report
+
+SEEDS = (42, 43)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A whole headline run on TruthfulQA fold 0 with two trials per method and two seeds."""
+    folder = tmp_path_factory.mktemp("headline")
+    spaces = {
+        "lofit": Space((1e-2, 5e-2), k_fractions=(0.25,)),  # K = 2 of the tiny model's 8 heads
+        "lora_r8": Space((1e-3, 1e-2)),
+        "lora_r1": Space((1e-3, 1e-2)),
+        "ia3": Space((1e-3, 1e-2)),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(headline, "SPACES", spaces)
+        args = [*small_run(tiny_model_folder(folder / "tiny")), "--localize-epochs", "1"]
+        args += ["--seeds", *map(str, SEEDS), "--output", str(folder / "results"), "--work-dir", str(folder / "work")]
+        cli.main(["headline", *args])
+    return folder, args, spaces
+
+
+def rows_and_tuning(folder):
+    results = folder / "results"
+    return json.loads((results / "headline.json").read_text()), json.loads(
+        (results / "headline_tuning.json").read_text()
+    )
+
+
+def test_one_row_per_method_and_seed_with_the_issue_fields(finished):
+    folder, _, _ = finished
+    rows, _ = rows_and_tuning(folder)
+    assert [(row["method"], row["seed"]) for row in rows] == [("base", None)] + [
+        (method, seed) for seed in SEEDS for method in ("lofit", "lora_r8", "lora_r1", "ia3")
+    ]
+    for row in rows:
+        assert set(row) == set(ROW_FIELDS) and row["task"] == "truthfulqa" and row["fold"] == 0
+        assert row["metrics"]["n"] == 2 and {"mc1", "mc2", "mc3"} <= set(row["metrics"])
+    trained = [row for row in rows if row["method"] != "base"]
+    assert all(row["trained_numbers"] > 0 and row["adapter_bytes"] > 0 and row["train_seconds"] > 0 for row in trained)
+    lofit = [row for row in rows if row["method"] == "lofit"]
+    assert all(row["trained_numbers"] == 2 * 8 and row["settings"]["k"] == 2 for row in lofit)  # 2 heads x head_dim 8
+    assert {row["trained_numbers"] for row in rows if row["method"] == "lora_r8"} == {8 * 2 * 2 * (32 + 32)}
+
+
+def test_each_method_is_tuned_on_val_with_the_same_budget_and_tested_with_the_winner(finished):
+    folder, _, spaces = finished
+    rows, tuning = rows_and_tuning(folder)
+    for method, space in spaces.items():
+        record = tuning[f"truthfulqa/0/{method}"]
+        assert record["split"] == "val" and record["metric"] == "mc2" and record["seed"] == SEEDS[0]
+        assert len(record["trials"]) == 2 and {trial["learning_rate"] for trial in record["trials"]} == set(
+            space.learning_rates
+        )
+        assert record["best"] == max(record["trials"], key=lambda trial: trial["score"])
+        for row in (row for row in rows if row["method"] == method):
+            assert row["settings"]["learning_rate"] == record["best"]["learning_rate"]
+            assert row["settings"]["tuned_on"] == "val mc2, 2 trials"
+
+
+def test_the_first_seed_is_the_winning_trial_trained_again(finished):
+    """The first seed's row scores the winning trial's adapter; training those settings anew gives the same scores."""
+    folder, _, _ = finished
+    rows, tuning = rows_and_tuning(folder)
+    best = tuning["truthfulqa/0/lora_r8"]["best"]
+    row = next(row for row in rows if (row["method"], row["seed"]) == ("lora_r8", SEEDS[0]))
+    args = cli.build_parser().parse_args(["headline", *finished[1]])
+    again = headline.Headline(args).baseline_run("lora_r8", best["learning_rate"], SEEDS[0], "test")
+    assert again["metrics"] == pytest.approx(row["metrics"], abs=1e-6)
+    assert again["trained_numbers"] == row["trained_numbers"] and again["adapter_bytes"] == row["adapter_bytes"]
+
+
+def test_lofit_seeds_localize_again_and_the_first_reuses_the_search(finished):
+    folder, _, _ = finished
+    _, tuning = rows_and_tuning(folder)
+    record = tuning["truthfulqa/0/lofit"]
+    assert record["strategy"] == "full grid of 2 trials"
+    best = record["best"]
+    config = json.loads(
+        (folder / "work" / "truthfulqa_fold0" / "lofit_search")
+        .joinpath(best["adapter"], "adapter_config.json")
+        .read_text()
+    )
+    assert len(config["heads"]) == best["k"] == 2  # the first seed's row scored this adapter: the winner's K heads
+    second = json.loads((folder / "work" / "truthfulqa_fold0" / f"lofit_seed{SEEDS[1]}" / "metrics.json").read_text())
+    assert second["settings"]["seed"] == SEEDS[1] and second["settings"]["heads"] == "learned"
+    assert second["settings"]["localize"]["l1_lambda"] == best["l1"] and "localize_s" in second["timings_s"]
+
+
+def test_a_finished_run_is_not_trained_again(finished, monkeypatch):
+    folder, args, spaces = finished
+    before = rows_and_tuning(folder)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished row or trial was trained again")
+
+    monkeypatch.setattr(headline, "SPACES", spaces)
+    monkeypatch.setattr(headline, "train_adapter", no_training)
+    monkeypatch.setattr(headline, "run_pipeline", no_training)
+    cli.main(["headline", *args])
+    assert rows_and_tuning(folder) == before
+
+
+def test_an_interrupted_tuning_keeps_its_finished_trials(finished, tmp_path, monkeypatch):
+    folder, args, spaces = finished
+    _, tuning = rows_and_tuning(folder)
+    first_trial = tuning["truthfulqa/0/ia3"]["trials"][0]
+    output = tmp_path / "results"
+    output.mkdir()
+    (output / "headline_tuning.json").write_text(
+        json.dumps({"truthfulqa/0/ia3": {**tuning["truthfulqa/0/ia3"], "trials": [first_trial], "best": None}})
+    )
+    trained = []
+    original = headline.Headline.baseline_run
+    monkeypatch.setattr(headline, "SPACES", spaces)
+    monkeypatch.setattr(headline.Headline, "baseline_run", lambda self, *a: trained.append(a) or original(self, *a))
+    resumed = [*args[: args.index("--output")], "--methods", "ia3", "--seeds", "42", "--output", str(output)]
+    cli.main(["headline", *resumed, "--work-dir", str(tmp_path / "work")])
+    assert trained == [("ia3", 1e-2, 42, "val")]  # only the missing trial; the first seed reuses the winner
+    assert json.loads((output / "headline_tuning.json").read_text())["truthfulqa/0/ia3"]["trials"][0] == first_trial
+
+
+def test_only_the_headline_methods_are_accepted(tmp_path):
+    with pytest.raises(ValueError, match="the headline compares base, lofit, lora_r8, lora_r1, ia3; not iti"):
+        cli.main(["headline", "--methods", "iti", "--output", str(tmp_path)])
+
+
+def test_two_fold_means_are_per_seed_means_of_the_folds():
+    def row(fold, method, seed, mc2):
+        metrics = {"mc1": mc2 / 2, "mc2": mc2, "mc3": mc2 / 3}
+        return dict(task="truthfulqa", fold=fold, method=method, seed=seed, metrics=metrics, train_seconds=10.0 * seed)
+
+    rows = [row(0, "lofit", 1, 0.5), row(1, "lofit", 1, 0.7), row(0, "lofit", 2, 0.6), row(1, "lofit", 2, 0.6)]
+    rows += [row(0, "lofit", 3, 0.9)]  # fold 1 lacks seed 3: left out of the mean
+    mean = groups(rows)["truthfulqa", TWO_FOLDS]["lofit"]
+    assert [(r["seed"], r["metrics"]["mc2"]) for r in mean] == [(1, pytest.approx(0.6)), (2, pytest.approx(0.6))]
+    assert statistics.mean(r["metrics"]["mc2"] for r in mean) == pytest.approx(0.6)
+
+
+def test_the_report_is_built_from_the_rows_and_put_in_the_readmes(finished, tmp_path):
+    folder, _, _ = finished
+    rows, _ = rows_and_tuning(folder)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\n{START}\nold table\n{END}\n\nAfter.\n")
+    tables = write_report(rows, tmp_path / "results", [readme], "the command")
+    lofit = [row["metrics"]["mc2"] for row in rows if row["method"] == "lofit"]
+    line = next(line for line in tables.splitlines() if line.startswith("| lofit "))
+    assert f"{statistics.mean(lofit):.3f} ± {statistics.pstdev(lofit):.3f}" in line
+    assert all(f"| {method} " in tables for method in ("base", "lofit", "lora_r8", "lora_r1", "ia3"))
+    text = readme.read_text()
+    assert "old table" not in text and tables in text and "](results/headline.png)" in text
+    assert text.startswith("# Title") and text.endswith("After.\n")
+    assert (tmp_path / "results" / "headline.png").stat().st_size > 0
+    (tmp_path / "plain.md").write_text("no markers\n")
+    with pytest.raises(ValueError, match="has no '<!-- headline:start -->'"):
+        write_report(rows, tmp_path / "results", [tmp_path / "plain.md"], "the command")
