@@ -77,6 +77,41 @@ def inputs():
     return torch.randint(3, VOCAB, (3, 7), generator=generator)
 
 
+HEADS = [[0, 1], [1, 3]]  # one head on each layer of the tiny models
+
+
+@pytest.fixture
+def adapter_dir(tmp_path, inputs):
+    """A saved LoFiT adapter with random vectors on ``HEADS`` of the tiny Llama, and its logits on ``inputs``."""
+    from peft import get_peft_model
+
+    from peft_lofit import LoFiTConfig
+    from peft_lofit.checkpoint import save_adapter
+
+    model = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=HEADS, init_weights=False))
+    save_adapter(model, tmp_path / "adapter")
+    with torch.no_grad():
+        expected = model(inputs).logits
+    return tmp_path / "adapter", expected
+
+
+def tiny_settings(tmp_path, **overrides):
+    """Pipeline settings of a seconds-long run: 8 training rows, 3 evaluation examples, K = 2, one epoch per step."""
+    from peft_lofit.app.settings import PipelineSettings
+    from peft_lofit.training import TrainSettings
+
+    settings = dict(
+        train_limit=8,
+        eval_limit=3,
+        k=2,
+        output_dir=str(tmp_path / "run"),
+        localize=TrainSettings(learning_rate=1e-2, l1_lambda=1e-3, epochs=1, batch_size=4),
+        train=TrainSettings(learning_rate=1e-2, epochs=1, batch_size=4),
+    )
+    settings.update(overrides)
+    return PipelineSettings(**settings)
+
+
 def projection_of(model, layer: int):
     """The (unwrapped) attention output projection of ``layer``."""
     from peft_lofit.tuner.architectures import default_target_modules, layer_index

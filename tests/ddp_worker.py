@@ -1,4 +1,4 @@
-"""Train a tiny LoFiT adapter; run alone or under torchrun (DDP, gloo on CPU). Used by test_ecosystem.py.
+"""Train a tiny LoFiT adapter; run alone or under torchrun (DDP, gloo on CPU). Used by test_distributed.py.
 
 python tests/ddp_worker.py OUT PER_DEVICE_BATCH OBJECTIVE
 """

@@ -22,38 +22,10 @@ def layer_one_selection(tmp_path) -> Path:
 def test_benchmark_end_to_end_on_tiny_model(tmp_path):
     model_dir = tiny_model_folder(tmp_path / "tiny")
     output = tmp_path / "results"
-    cli.main(
-        [
-            "grid",
-            *small_run(model_dir),
-            "--localize-epochs",
-            "1",
-            "--batch-size",
-            "4",
-            "--fraction",
-            "0.25",
-            "--seeds",
-            "1",
-            "--methods",
-            *METHODS,
-            "--other-heads",
-            str(layer_one_selection(tmp_path)),
-            "--sweep-data",
-            "4",
-            "--sweep-k",
-            "0.5",
-            "--prefill-tokens",
-            "16",
-            "--decode-tokens",
-            "4",
-            "--repeats",
-            "1",
-            "--eval-speed-questions",
-            "3",
-            "--output",
-            str(output),
-        ]
-    )
+    options = "--localize-epochs 1 --batch-size 4 --fraction 0.25 --seeds 1 --sweep-data 4 --sweep-k 0.5"
+    options += " --prefill-tokens 16 --decode-tokens 4 --repeats 1 --eval-speed-questions 3"
+    heads = ["--other-heads", str(layer_one_selection(tmp_path))]
+    cli.main(["grid", *small_run(model_dir), *options.split(), "--methods", *METHODS, *heads, "--output", str(output)])
     results = json.loads((output / "results.json").read_text())
     assert {"date", "command", "machine", "settings", "rows", "summary", "eval_prefix_cache"} <= set(results)
     speed = results["eval_prefix_cache"]

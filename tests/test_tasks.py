@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import peft_lofit
 from peft_lofit.app.tasks import clutrr, get_task, mquake, truthfulqa
@@ -316,3 +318,43 @@ def test_an_empty_split_is_an_error(tmp_path, task):
         )
     with pytest.raises(ValueError, match="has no rows; an empty split cannot be trained on or evaluated"):
         get_task(task).evaluate(None, None, split="test", data_dir=tmp_path)
+
+
+JSON_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.text(max_size=6)),
+    lambda children: st.one_of(
+        st.lists(children, max_size=3), st.dictionaries(st.text(max_size=4), children, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    task=st.sampled_from(["mquake", "clutrr"]),
+    field_name=st.sampled_from(
+        ["requested_rewrite", "questions", "new_answer", "new_answer_alias", "clean_story", "query", "target_text"]
+    ),
+    value=JSON_VALUES,
+)
+def test_malformed_data_rows_load_or_name_the_field(tmp_path_factory, task, field_name, value):
+    good = {
+        "mquake": {
+            "requested_rewrite": [{"prompt": "{} is", "subject": "S", "target_new": {"str": "T"}}],
+            "questions": ["Q?"],
+            "new_answer": "A",
+            "new_answer_alias": ["B"],
+        },
+        "clutrr": {"clean_story": "[A] is [B]'s son.", "query": "('B', 'A')", "target_text": "son"},
+    }[task]
+    row = {**good, field_name: value}
+    folder = tmp_path_factory.mktemp("data")
+    (folder / task).mkdir()
+    name = "train.jsonl" if task == "mquake" else "train.json"
+    (folder / task / name).write_text(json.dumps(row) + "\n" if task == "mquake" else json.dumps([row]))
+    try:
+        rows = get_task(task).training_rows("train", data_dir=folder)
+    except ValueError as error:
+        assert f"{name}, row 1: field" in str(error), error
+        return
+    assert len(rows) == 1 and all(isinstance(text, str) and text for text in rows[0].values())

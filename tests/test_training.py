@@ -1,12 +1,18 @@
-"""Training on TRL: speed-up paths give the same results as the plain path; seeded runs reproduce."""
+"""Training on TRL: speed-up paths give the same results as the plain path; seeded and resumed runs reproduce; NaN
+losses stop with the last good adapter; gradient checkpointing, quantized bases and TRL's trainers used directly."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import HEADS, tiny_model, tiny_tokenizer
+from datasets import Dataset
+from peft import get_peft_model
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from peft_lofit import LoFiTConfig
+from peft_lofit import LoFiTConfig, LoFiTLayer
 from peft_lofit.training import TrainSettings, train_adapter
 from peft_lofit.training.shared_prompt import pack_pairs
 
@@ -245,3 +251,173 @@ def test_a_sliding_window_shorter_than_the_packed_rows_keeps_the_plain_path(tmp_
     assert packed and all(batch is not None for batch in packed)  # the batches have the pair structure either way
     assert shared_prompt.longest_packed_row(tiny_model("mistral", sliding_window=window)) == window
     assert (max(batch.input_ids.shape[1] for batch in packed) <= window) == packs
+
+
+SFT_ROWS = [{"prompt": f"q{c}", "completion": f" {c}{c}"} for c in "abcdefgh"]
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def sft_settings(output, **kwargs):
+    return TrainSettings(
+        epochs=3,
+        batch_size=4,
+        learning_rate=5e-2,
+        output_dir=str(output),
+        save_checkpoints=True,
+        logging_steps=1,
+        **kwargs,
+    )
+
+
+def offsets(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lofit_" in n}
+
+
+def test_resumed_training_equals_uninterrupted(tmp_path, monkeypatch):
+    from peft_lofit.training import trainers
+
+    config = LoFiTConfig(heads=HEADS, use_scaling=True)
+    full, _ = train_adapter(
+        tiny_model("llama"), tiny_tokenizer(), SFT_ROWS, "sft", config, sft_settings(tmp_path / "full")
+    )
+
+    original = trainers.build_trainer
+
+    def interrupted(*args, **kwargs):
+        trainer = original(*args, **kwargs)
+        trainer.add_callback(StopAt(3))  # after the epoch-1 checkpoint (step 2), inside epoch 2
+        return trainer
+
+    monkeypatch.setattr(trainers, "build_trainer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(tiny_model("llama"), tiny_tokenizer(), SFT_ROWS, "sft", config, sft_settings(tmp_path / "cut"))
+    monkeypatch.setattr(trainers, "build_trainer", original)
+    assert (tmp_path / "cut" / "checkpoint-2").is_dir()
+    resumed, _ = train_adapter(
+        tiny_model("llama"),
+        tiny_tokenizer(),
+        SFT_ROWS,
+        "sft",
+        config,
+        sft_settings(tmp_path / "cut", resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2")),
+    )
+    expected, got = offsets(full), offsets(resumed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_adapter(tmp_path):
+    model = tiny_model("llama")
+    calls = {"n": 0}
+
+    def poison(module, args, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == 3 else output  # third forward = step 3
+
+    model.model.norm.register_forward_hook(poison)  # TRL computes the loss from lm_head.weight directly
+    config = LoFiTConfig(heads=HEADS)
+    settings = TrainSettings(epochs=2, batch_size=2, learning_rate=5e-2, output_dir=str(tmp_path), logging_steps=1)
+    with pytest.raises(
+        FloatingPointError, match=r"loss became nan at step 3.*last good adapter is saved in .*last_good_adapter"
+    ):
+        train_adapter(model, tiny_tokenizer(), SFT_ROWS, "sft", config, settings)
+    kept = load_file(tmp_path / "last_good_adapter" / "adapter_model.safetensors")
+    assert kept and all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in kept.values())  # trained 2 steps
+
+
+@pytest.mark.parametrize(
+    "vectors", [dict(use_scaling=True, use_offset=False), dict(use_offset=True)], ids=["step1", "step2"]
+)
+def test_gradient_checkpointing_gives_the_same_adapter(tmp_path, vectors):
+    rows = [{"prompt": f"q{c}", "completion": f" {c}{c}"} for c in "abcd"]
+    results = []
+    for checkpointing in (False, True):
+        settings = TrainSettings(
+            epochs=2,
+            batch_size=2,
+            learning_rate=5e-2,
+            output_dir=str(tmp_path / str(checkpointing)),
+            gradient_checkpointing=checkpointing,
+            l1_lambda=1e-3 if vectors.get("use_scaling") else 0,
+        )
+        model, trainer = train_adapter(
+            tiny_model("llama"),
+            tiny_tokenizer(),
+            rows,
+            "sft",
+            LoFiTConfig(heads=HEADS, init_weights="normal", **vectors),
+            settings,
+        )
+        assert model.base_model.model.is_gradient_checkpointing == checkpointing
+        results.append({n: p.detach().clone() for n, p in model.named_parameters() if "lofit_" in n})
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], atol=1e-6, rtol=1e-5)
+
+
+def test_quantized_base_trains_and_refuses_to_merge(inputs):
+    pytest.importorskip("torchao", reason="torchao is in the [test] extra")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    full = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=HEADS, init_weights=False))
+    base = tiny_model("llama")
+    quantize_(base, Int8WeightOnlyConfig())
+    model = get_peft_model(base, LoFiTConfig(heads=HEADS))
+    model.load_state_dict({n: p for n, p in full.state_dict().items() if "lofit_" in n}, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs).logits, full(inputs).logits, atol=0.05, rtol=0.05)
+        with model.disable_adapter():
+            assert (model(inputs).logits - full(inputs).logits).abs().max() > 0.1  # the adapter acts
+    model.train()
+    model(inputs, labels=inputs).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    for merge in (model.merge_and_unload, model.merge_adapter):
+        with pytest.raises(
+            ValueError, match="Cannot merge a LoFiT adapter into a quantized projection .*full precision"
+        ):
+            merge()
+    assert sum(isinstance(m, LoFiTLayer) for m in model.modules()) == 2 and not any(
+        m.merged for m in model.modules() if isinstance(m, LoFiTLayer)
+    )
+
+
+def test_lofit_config_as_peft_config_of_trl_trainers(tmp_path):
+    tokenizer = tiny_tokenizer()
+
+    def arguments(config_class, name):
+        return config_class(
+            output_dir=str(tmp_path / name),
+            num_train_epochs=1,
+            per_device_train_batch_size=2,
+            report_to="none",
+            learning_rate=5e-2,
+            use_cpu=True,
+        )
+
+    sft = SFTTrainer(
+        model=tiny_model("llama"),
+        args=arguments(SFTConfig, "sft"),
+        train_dataset=Dataset.from_list([{"prompt": "qa", "completion": " bb"}] * 4),
+        processing_class=tokenizer,
+        peft_config=LoFiTConfig(heads=HEADS),
+    )
+    sft.train()
+    dpo = DPOTrainer(
+        model=tiny_model("llama"),
+        args=arguments(DPOConfig, "dpo"),
+        train_dataset=Dataset.from_list([{"prompt": "qa", "chosen": " bb", "rejected": " cc"}] * 4),
+        processing_class=tokenizer,
+        peft_config=LoFiTConfig(heads=HEADS),
+    )
+    dpo.train()
+    for trainer in (sft, dpo):
+        offsets = [p for n, p in trainer.model.named_parameters() if "lofit_offset" in n]
+        assert len(offsets) == 2 and all(p.abs().max() > 0 for p in offsets)

@@ -1,4 +1,5 @@
-"""LoFiT as a PEFT method: golden values, identity, training, save/load, merging, multiple adapters."""
+"""LoFiT as a PEFT method: golden values, identity, training, save/load, merging, multiple adapters, and clear errors
+for heads, architectures and adapters that do not fit (raised before the model is modified)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import copy
 import pytest
 import torch
 from conftest import ARCHITECTURES, projection_of, tiny_model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, BloomConfig
 
 from peft_lofit import LoFiTConfig, LoFiTLayer
 
@@ -329,3 +332,111 @@ def test_weighted_adapter_keeps_adapter_precision():
     model.add_adapter("b", LoFiTConfig(heads=HEADS, init_weights=False))
     model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "mix")
     assert {p.dtype for n, p in model.named_parameters() if ".mix" in n} == {torch.float32}
+
+
+def assert_untouched(model):
+    assert not any(isinstance(module, LoFiTLayer) for module in model.modules())
+    assert not hasattr(model, "peft_config")
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (
+            LoFiTConfig(heads=[[2, 0]]),
+            r"Head \[2, 0\] is in layer 2, which has no targeted attention output projection \(targeted layers: 0..1\)",
+        ),
+        (LoFiTConfig(heads=[[0, 0], [1, 4]]), r"Head \[1, 4\] does not exist: layer 1 has 4 heads \(0..3\)"),
+        (
+            LoFiTConfig(heads=[[1, 0]], exclude_modules=["model.layers.1.self_attn.o_proj"]),
+            r"Head \[1, 0\] is in layer 1, which has no targeted .* \(targeted layers: 0\)",
+        ),
+        (LoFiTConfig(target_modules=["no_such_module"]), "matched no module of the model"),
+        (LoFiTConfig(target_modules=r".*\.(o_proj|down_proj)"), "matched two modules in layer 0"),
+        (LoFiTConfig(target_modules=["lm_head"]), "not inside a numbered decoder layer"),
+        (LoFiTConfig(num_heads=5), "do not split into 5 heads"),
+        (LoFiTConfig(num_heads=4, head_dim=4), "num_heads=4 x head_dim=4 = 16, but the output projection takes 32"),
+    ],
+)
+def test_bad_heads_for_model_raise_before_modifying(config, message):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(model, config)
+    assert_untouched(model)
+
+
+def test_bad_second_adapter_leaves_first_intact(inputs):
+    model = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=[[0, 1]], init_weights=False))
+    with torch.no_grad():
+        expected = model(inputs).logits
+    with pytest.raises(ValueError, match=r"Head \[0, 9\] does not exist"):
+        model.add_adapter("bad", LoFiTConfig(heads=[[0, 9]]))
+    layers = [m for m in model.modules() if isinstance(m, LoFiTLayer)]
+    assert len(layers) == 1 and set(layers[0].lofit_head_index) == {"default"}
+    with torch.no_grad():
+        assert torch.equal(model(inputs).logits, expected)
+
+
+def test_unsupported_architecture_names_families_and_fix():
+    config = BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(
+        ValueError, match=r"model_type='bloom'.*Supported families: .*gpt2.*llama.*`target_modules=\[...\]`"
+    ):
+        get_peft_model(model, LoFiTConfig(heads=[[0, 1]]))
+    assert_untouched(model)
+    # the explicit route works
+    peft_model = get_peft_model(model, LoFiTConfig(heads=[[0, 1]], target_modules=["self_attention.dense"]))
+    assert sum(isinstance(m, LoFiTLayer) for m in peft_model.modules()) == 1
+
+
+def test_mixed_batch_length_mismatch(inputs):
+    model = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=[[0, 1]], init_weights=False)).eval()
+    with pytest.raises(
+        ValueError, match="Length of `adapter_names` should be the same as the number of inputs, but got 2 and 3"
+    ):
+        model(inputs, adapter_names=["default", "default"])
+
+
+def test_weighted_adapter_errors():
+    model = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=[[0, 1]]))
+    with pytest.raises(ValueError, match=r"Adapter\(s\) \['nope'\] do not exist"):
+        model.add_weighted_adapter(["default", "nope"], [1.0, 1.0], "mix")
+    with pytest.raises(ValueError, match="one weight per adapter"):
+        model.add_weighted_adapter(["default"], [1.0, 2.0], "mix")
+    model.add_adapter("other_targets", LoFiTConfig(heads=[[0, 1]], target_modules=["layers.0.self_attn.o_proj"]))
+    with pytest.raises(ValueError, match="differ in `target_modules`"):
+        model.add_weighted_adapter(["default", "other_targets"], [1.0, 1.0], "mix")
+
+
+def test_second_adapter_with_other_geometry():
+    model = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=[[0, 1]]))
+    with pytest.raises(ValueError, match=r"splits model.layers.0.self_attn.o_proj into 2 heads x 16.*4 heads x 8"):
+        model.add_adapter("wide", LoFiTConfig(heads=[[0, 1]], num_heads=2))
+    assert set(model.base_model.model.model.layers[0].self_attn.o_proj.lofit_head_index) == {"default"}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    heads=st.lists(st.tuples(st.integers(0, 1), st.integers(0, 3)), min_size=1, max_size=8, unique=True),
+    seed=st.integers(0, 1000),
+    scale=st.floats(0.01, 0.9),
+    arch=st.sampled_from(["llama", "gpt2", "opt"]),
+)
+def test_merge_unmerge_is_an_exact_round_trip(heads, seed, scale, arch):
+    model = get_peft_model(tiny_model(arch), LoFiTConfig(heads=heads, use_scaling=True))
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, LoFiTLayer):
+            with torch.no_grad():
+                a = module.lofit_scaling["default"]
+                a.copy_((torch.rand(a.shape, generator=generator) * 2 - 1) * scale)  # |A| < 1: invertible
+                module.lofit_offset["default"].copy_(torch.randn(a.shape, generator=generator))
+    before = {k: v.clone() for k, v in model.base_model.model.state_dict().items() if "lofit_" not in k}
+    model.merge_adapter()
+    model.unmerge_adapter()
+    after = {k: v for k, v in model.base_model.model.state_dict().items() if "lofit_" not in k}
+    assert after.keys() == before.keys()
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], atol=1e-5, rtol=1e-5)

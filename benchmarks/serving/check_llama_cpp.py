@@ -182,6 +182,57 @@ def check(path: Path, entry: dict, threads: int, kv: str) -> tuple[float, float,
     return max_all, max_token, compare_greedy(entry["greedy"], entry["greedy_margins"], continuations)
 
 
+def check_variant(
+    args, family: str, entry: dict, fallback_tokenizer: str, variant: str, outtype: str, kv: str
+) -> dict:
+    """Convert one folder of ``family`` (``variant``: merged or base) to a GGUF of ``outtype``, run it with a ``kv``
+    KV cache and compare it with the reference: one results row (role "blocked" when the conversion failed)."""
+    target = args.work / family / "gguf" / f"{variant}-{outtype}.gguf"
+    tokenizer_source = Path(entry.get("tokenizer_source", fallback_tokenizer))
+    conversion = convert(
+        sys.executable, args.converter, entry[variant], outtype, target, tokenizer_source, Path(entry["merged"])
+    )
+    described = {"engine": "llama.cpp", "family": family, "model": variant, "dtype": outtype, "kv_cache": kv}
+    if "conversion_failed" in conversion:
+        print(f"[llama.cpp] {family} {variant} {outtype}: conversion failed {conversion}", flush=True)
+        return {**described, "role": "blocked", "passes": False, **conversion}
+    bias = bias_in_gguf(target, entry["merged"]) if variant == "merged" else None
+    if bias is not None:
+        print(f"    GGUF attn_output.bias: {bias}", flush=True)
+    start = time.perf_counter()
+    max_all, max_token, greedy = check(target, entry, args.threads, kv)
+    return row(
+        "llama.cpp",
+        family,
+        variant,
+        outtype,
+        TOLERANCE[outtype, kv],
+        max_all,
+        greedy,
+        max_abs_prompt_token_logprob_diff=max_token,
+        kv_cache=kv,
+        role="check" if (outtype, kv) == ("f32", "f32") else "info",
+        compared="log-softmax of llama.cpp logits over the whole vocabulary at every prompt position",
+        gguf=str(target),
+        gguf_bytes=target.stat().st_size,
+        attn_output_bias=bias,
+        **conversion,
+        run_s=round(time.perf_counter() - start, 1),
+    )
+
+
+def final_verdict(rows: list[dict]) -> dict:
+    """``common.verdict`` of the rows, failed also where a GGUF lacks a layer's bias or holds another value."""
+    result = verdict(rows)
+    result["blocked"] = [f"{r['family']} {r['model']} {r['dtype']}" for r in rows if r["role"] == "blocked"]
+    for item in rows:
+        bias = item.get("attn_output_bias")
+        if bias is not None and (bias["missing"] or bias["max_abs_diff_vs_safetensors"] > 1e-2):
+            result["ok"] = False
+            result["bias_problem"] = f"{item['family']} {item['dtype']}: {bias}"
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
@@ -195,7 +246,7 @@ def main(argv=None) -> int:
     import llama_cpp
 
     reference = load_reference(args.work)
-    families = args.families or list(reference["families"])
+    fallback_tokenizer = reference["families"]["llama"]["base"]
     rows, started = [], time.perf_counter()
     versions = {
         "llama_cpp_python": llama_cpp.__version__,
@@ -203,69 +254,12 @@ def main(argv=None) -> int:
         "transformers (converter)": version("transformers"),
         "torch (converter)": version("torch"),
     }
-    for family in families:
-        entry = reference["families"][family]
+    for family in args.families or list(reference["families"]):
         for variant, outtype, kv in VARIANTS:
-            target = args.work / family / "gguf" / f"{variant}-{outtype}.gguf"
-            tokenizer_source = Path(entry.get("tokenizer_source", reference["families"]["llama"]["base"]))
-            conversion = convert(
-                sys.executable,
-                args.converter,
-                entry[variant],
-                outtype,
-                target,
-                tokenizer_source,
-                Path(entry["merged"]),
-            )
-            if "conversion_failed" in conversion:
-                print(f"[llama.cpp] {family} {variant} {outtype}: conversion failed {conversion}", flush=True)
-                rows.append(
-                    {
-                        "engine": "llama.cpp",
-                        "family": family,
-                        "model": variant,
-                        "dtype": outtype,
-                        "kv_cache": kv,
-                        "role": "blocked",
-                        "passes": False,
-                        **conversion,
-                    }
-                )
-                continue
-            bias = bias_in_gguf(target, entry["merged"]) if variant == "merged" else None
-            start = time.perf_counter()
-            max_all, max_token, greedy = check(target, entry, args.threads, kv)
-            rows.append(
-                row(
-                    "llama.cpp",
-                    family,
-                    variant,
-                    outtype,
-                    TOLERANCE[outtype, kv],
-                    max_all,
-                    greedy,
-                    max_abs_prompt_token_logprob_diff=max_token,
-                    kv_cache=kv,
-                    role="check" if (outtype, kv) == ("f32", "f32") else "info",
-                    compared="log-softmax of llama.cpp logits over the whole vocabulary at every prompt position",
-                    gguf=str(target),
-                    gguf_bytes=target.stat().st_size,
-                    attn_output_bias=bias,
-                    **conversion,
-                    run_s=round(time.perf_counter() - start, 1),
-                )
-            )
-            if bias is not None:
-                print(f"    GGUF attn_output.bias: {bias}", flush=True)
+            entry = reference["families"][family]
+            rows.append(check_variant(args, family, entry, fallback_tokenizer, variant, outtype, kv))
             write_results(args.results, "llama_cpp", section(rows, versions, started))
-    result = section(rows, versions, started)
-    result["verdict"] = verdict(rows)
-    result["verdict"]["blocked"] = [f"{r['family']} {r['model']} {r['dtype']}" for r in rows if r["role"] == "blocked"]
-    for item in rows:
-        bias = item.get("attn_output_bias")
-        if bias is not None and (bias["missing"] or bias["max_abs_diff_vs_safetensors"] > 1e-2):
-            result["verdict"]["ok"] = False
-            result["verdict"]["bias_problem"] = f"{item['family']} {item['dtype']}: {bias}"
+    result = {**section(rows, versions, started), "verdict": final_verdict(rows)}
     write_results(args.results, "llama_cpp", result)
     print(f"verdict: {result['verdict']}")
     return 0 if result["verdict"]["ok"] else 1

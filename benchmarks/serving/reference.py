@@ -121,13 +121,8 @@ def greedy(model, ids: list[int], steps: int) -> tuple[list[int], list[float]]:
     return tokens, margins
 
 
-def prepare_family(family: str, work: Path, tokenizer, force: bool) -> dict:
-    root = work / family
-    base = Path(default_model_path()) if family == "llama" else root / "base"
-    adapter, merged = root / "adapter", root / "merged"
-    if force and root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
+def build_models(family: str, base: Path, adapter: Path, merged: Path, tokenizer) -> dict:
+    """The base (tiny families), the random adapter and the merged folder ``lofit export`` writes; what exists is kept."""
     timings = {}
     start = time.perf_counter()
     if family != "llama" and not (base / "config.json").is_file():
@@ -150,8 +145,17 @@ def prepare_family(family: str, work: Path, tokenizer, force: bool) -> dict:
         if cli.main(command) != 0:
             raise SystemExit(f"lofit export failed for {family}")
     timings["export_s"] = time.perf_counter() - start
+    return timings
 
-    start = time.perf_counter()
+
+def max_abs_diff(first: list[torch.Tensor], second: list[torch.Tensor]) -> float:
+    """Largest |difference| over every prompt position that predicts a prompt token (the last row predicts none)."""
+    return max(float((a[:-1].double() - b[:-1].double()).abs().max()) for a, b in zip(first, second))
+
+
+def reference_numbers(root: Path, base: Path, adapter: Path, merged: Path) -> dict:
+    """The unmerged model's log-probabilities (saved as ``prompt<i>.npy``) and greedy continuations, and how far the
+    base model, the merged folder reloaded and the float64 model are from them."""
     base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     base_lp = [log_probs(base_model, ids) for ids in PROMPT_IDS]
     lofit = load_adapter(base_model, adapter).eval()  # the UNMERGED LoFiT model: the reference
@@ -169,6 +173,35 @@ def prepare_family(family: str, work: Path, tokenizer, force: bool) -> dict:
     exact = load_adapter(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64), adapter).double().eval()
     exact_lp = [log_probs_f64(exact, ids) for ids in PROMPT_IDS]
     del exact
+    return {
+        "prompt_ids": PROMPT_IDS,
+        "logprob_files": [str(root / f"prompt{index}.npy") for index in range(len(PROMPT_IDS))],
+        "prompt_token_logprobs": [
+            [float(lp[i, ids[i + 1]]) for i in range(len(ids) - 1)] for lp, ids in zip(reference_lp, PROMPT_IDS)
+        ],
+        "greedy": continuations,
+        "greedy_margins": margins,
+        "min_greedy_margin": min(min(m) for m in margins),
+        "transformers_base_vs_lofit_max_abs_logprob": max_abs_diff(base_lp, reference_lp),
+        "transformers_merged_folder_vs_lofit_max_abs_logprob": max_abs_diff(reloaded_lp, reference_lp),
+        "transformers_float32_vs_float64_max_abs_logprob": max_abs_diff(reference_lp, exact_lp),
+        "transformers_merged_folder_greedy_equal": all(
+            greedy(reloaded, ids, NEW_TOKENS)[0] == tokens for ids, tokens in zip(PROMPT_IDS, continuations)
+        ),
+    }
+
+
+def prepare_family(family: str, work: Path, tokenizer, force: bool) -> dict:
+    """The models of ``family`` (``build_models``) and their reference entry (``reference_numbers``)."""
+    root = work / family
+    base = Path(default_model_path()) if family == "llama" else root / "base"
+    adapter, merged = root / "adapter", root / "merged"
+    if force and root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    timings = build_models(family, base, adapter, merged, tokenizer)
+    start = time.perf_counter()
+    numbers = reference_numbers(root, base, adapter, merged)
     timings["reference_s"] = time.perf_counter() - start
     config = json.loads((merged / "config.json").read_text())
     return {
@@ -180,26 +213,7 @@ def prepare_family(family: str, work: Path, tokenizer, force: bool) -> dict:
         "merged_attention_bias": config.get("attention_bias"),
         "tokenizer_source": str(default_model_path()),  # the tokenizer every family was built with
         "heads": HEADS[family],
-        "prompt_ids": PROMPT_IDS,
-        "logprob_files": [str(root / f"prompt{index}.npy") for index in range(len(PROMPT_IDS))],
-        "prompt_token_logprobs": [
-            [float(lp[i, ids[i + 1]]) for i in range(len(ids) - 1)] for lp, ids in zip(reference_lp, PROMPT_IDS)
-        ],
-        "greedy": continuations,
-        "greedy_margins": margins,
-        "min_greedy_margin": min(min(m) for m in margins),
-        "transformers_base_vs_lofit_max_abs_logprob": max(
-            float((a[:-1] - b[:-1]).abs().max()) for a, b in zip(base_lp, reference_lp)
-        ),
-        "transformers_merged_folder_vs_lofit_max_abs_logprob": max(
-            float((a[:-1] - b[:-1]).abs().max()) for a, b in zip(reloaded_lp, reference_lp)
-        ),
-        "transformers_float32_vs_float64_max_abs_logprob": max(
-            float((a[:-1].double() - b[:-1]).abs().max()) for a, b in zip(reference_lp, exact_lp)
-        ),
-        "transformers_merged_folder_greedy_equal": all(
-            greedy(reloaded, ids, NEW_TOKENS)[0] == tokens for ids, tokens in zip(PROMPT_IDS, continuations)
-        ),
+        **numbers,
         "timings": timings,
     }
 

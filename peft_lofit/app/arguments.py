@@ -116,7 +116,6 @@ def run_options(parser) -> None:
     """What only ``lofit run`` has: evaluation, the searches, the card's Hub id, the cache switch."""
     setting(parser, "--eval-limit", "eval_limit", type=positive_int)
     setting(parser, "--eval-split", "eval_split")
-    setting(parser, "--l1-search", "l1_search", type=positive_float, nargs="+", metavar="L1")
     setting(parser, "--base-model-id", "base_model_id")
     setting(
         parser,
@@ -128,6 +127,7 @@ def run_options(parser) -> None:
     for flag, (_, what) in SEARCH_AXES.items():
         parser.add_argument(
             f"--search-{flag}",
+            *(["--l1-search"] if flag == "l1" else []),  # the older name of --search-l1
             type=positive_float if flag != "k" else positive_int,
             nargs="+",
             default=None,

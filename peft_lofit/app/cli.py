@@ -122,7 +122,6 @@ def _push_parser(commands) -> None:
 
 def command_run(args) -> None:
     from .pipeline import results_table, run_pipeline
-    from .publish import describe_l1_search
 
     settings = settings_from(args, args.output)
     if args.quick:
@@ -135,8 +134,6 @@ def command_run(args) -> None:
             f"lambda {best['l1']:g}, K {best['k']}, lr {best['learning_rate']:g}, {best['epochs']:g} epochs; "
             f"trials in {Path(results['settings']['output_dir']) / 'search' / 'trials.md'}"
         )
-    if results["l1_search"]:
-        say(f"\nL1 weight chosen by {describe_l1_search(results['l1_search'])}: {results['l1_search']['best']:g}")
     say(f"\n{results_table(results)}\n\nTimes (s): {results['timings_s']}")
     say(f"Adapter, heads and metrics written to {settings.output_dir}/")
 

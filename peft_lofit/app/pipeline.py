@@ -28,7 +28,7 @@ from .default_model import DEFAULT_MODEL, describe_base_model, load_model_and_to
 from .metrics_cache import cached_evaluation, metrics_cache_root
 from .publish import write_model_card
 from .search import run_search
-from .settings import HEAD_CHOICES, L1_SEARCH_SPLIT, PipelineSettings
+from .settings import HEAD_CHOICES, PipelineSettings
 from .tasks import get_task
 
 
@@ -165,51 +165,16 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
 
 
 def _searched(settings: PipelineSettings, model, tokenizer, timings: dict):
-    """Run the searches the settings ask for (``l1_search``, then ``search``) and apply their winners; returns the
-    settings, the model and tokenizer (loaded here when not given) and the searches' records for ``metrics.json``."""
-    searches = {"l1_search": None, "search": None}
-    if settings.l1_search:  # before loading: each trial loads (or copies) its own model
-        with timed(timings, "l1_search_s"):
-            searches["l1_search"] = choose_l1(settings, model, tokenizer)
-        settings.heads = searches["l1_search"]["head_selection"]
-        settings.localize.l1_lambda = searches["l1_search"]["best"]
+    """Run the search the settings ask for and apply its winner; returns the settings, the model and tokenizer (loaded
+    here when not given) and the search's record for ``metrics.json``."""
     if model is None:
         model, tokenizer = load_model_and_tokenizer(settings.model)
-    if settings.search is not None:
-        with timed(timings, "search_s"):
-            searches["search"] = run_search(settings, settings.search, model, tokenizer)
-        settings = with_best_trial(settings, searches["search"])
-    return settings, model, tokenizer, searches
-
-
-def choose_l1(settings: PipelineSettings, model=None, tokenizer=None, split: str = L1_SEARCH_SPLIT) -> dict:
-    """Choose step 1's L1 weight among ``settings.l1_search`` on a held-out ``split``.
-
-    Each value is a whole run (localize with that lambda, train the top K heads, score them on ``split``) written to
-    ``{output_dir}/l1_search/l1_{value}/``, on a fresh copy of ``model`` (or a fresh load). The best value by the
-    task's ``selection_metric`` wins, the first one on a tie. Returns the values, their scores, the best value and
-    its head-selection file, which a run on the test split then trains on (every process reads the file the main
-    process wrote, so launched runs need one machine or a shared file system).
-    """
-    task = get_task(settings.task)
-    root = Path(settings.output_dir) / "l1_search"
-    scores = []
-    for value in settings.l1_search:
-        trial = copy.deepcopy(settings)
-        trial.l1_search, trial.eval_split, trial.output_dir = None, split, str(root / f"l1_{value:g}")
-        trial.localize.l1_lambda = value
-        trial_model = copy.deepcopy(model) if model is not None else None
-        scores.append(run_pipeline(trial, trial_model, tokenizer)["lofit"][task.selection_metric])
-    best = settings.l1_search[scores.index(max(scores))]
+    if settings.search is None:
+        return settings, model, tokenizer, {"search": None}
+    with timed(timings, "search_s"):
+        search = run_search(settings, settings.search, model, tokenizer)
     barrier()  # the main process has written the head selections the other processes read next
-    return {
-        "metric": task.selection_metric,
-        "split": split,
-        "values": list(settings.l1_search),
-        "scores": scores,
-        "best": best,
-        "head_selection": str(root / f"l1_{best:g}" / "head_selection.json"),
-    }
+    return with_best_trial(settings, search), model, tokenizer, {"search": search}
 
 
 def publishable(output: Path, results: dict) -> None:

@@ -28,7 +28,7 @@ def _front_matter(base_model: Optional[str], task: Optional[str]) -> str:
 
 def _heads_line(metrics: dict) -> str:
     """Where the adapter's heads came from: step 1 on the same data (with its L1 weight), random, or another run."""
-    settings, k, search = metrics.get("settings", {}), metrics.get("num_heads_selected"), metrics.get("l1_search")
+    settings, k, search = metrics.get("settings", {}), metrics.get("num_heads_selected"), metrics.get("search")
     if settings.get("heads") == "random":
         return f"- heads: {k} chosen at random (seed {settings.get('seed')})"
     if settings.get("heads", "learned") != "learned" and not search:
@@ -37,15 +37,7 @@ def _heads_line(metrics: dict) -> str:
         f"- heads localized on the same data: top {k} by ||A|| with L1 weight "
         f"{settings.get('localize', {}).get('l1_lambda')} (`head_selection.json`, heatmap `head_selection.png`)"
     )
-    if search:
-        line += f"; the weight was chosen by {describe_l1_search(search)}"
-    return line
-
-
-def describe_l1_search(search: dict) -> str:
-    """How ``pipeline.choose_l1`` chose: "accuracy on the val split among 0.0005 (0.168), 0.002 (0.432)"."""
-    tried = ", ".join(f"{value:g} ({score:.3f})" for value, score in zip(search["values"], search["scores"]))
-    return f"{search['metric']} on the {search['split']} split among {tried}"
+    return line + ("; K and the weight were chosen by the hyperparameter search below" if search else "")
 
 
 def model_card(config: dict, metrics: Optional[dict] = None, repo_id: Optional[str] = None) -> str:

@@ -62,7 +62,7 @@ class SearchSpace:
 
 def _trial_settings(settings, point: dict, heads_file: Path, output: Path):
     trial = copy.deepcopy(settings)
-    trial.search, trial.l1_search = None, None
+    trial.search = None
     trial.heads, trial.k, trial.eval_split, trial.output_dir = str(heads_file), point["k"], SEARCH_SPLIT, str(output)
     trial.localize.l1_lambda = point["l1"]
     trial.train.learning_rate, trial.train.epochs = point["learning_rate"], point["epochs"]

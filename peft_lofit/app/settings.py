@@ -12,7 +12,6 @@ from .search import SEARCH_SPLIT, SearchSpace
 from .tasks import get_task
 
 HEAD_CHOICES = ("learned", "random")
-L1_SEARCH_SPLIT = "val"  # the held-out split --l1-search chooses on
 
 
 @dataclass
@@ -38,12 +37,6 @@ class PipelineSettings:
     heads: str = field(
         default="learned",
         metadata={"help": "'learned', 'random', or a head-selection JSON (heads from another run or task)"},
-    )
-    l1_search: Optional[list[float]] = field(
-        default=None,
-        metadata={
-            "help": "choose the L1 weight among these on the validation split (one localize + train + eval each), then train and evaluate with the best; trials go to OUTPUT/l1_search/"
-        },
     )
     search: Optional[SearchSpace] = field(
         default=None,
@@ -89,22 +82,11 @@ class PipelineSettings:
         if self.k is None and not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}.")
         if self.search is not None:
-            if self.l1_search is not None or self.heads != "learned":
-                raise ValueError("--search chooses lambda and K itself: it needs --heads learned and no --l1-search.")
+            if self.heads != "learned":
+                raise ValueError("--search chooses lambda and K itself: it needs --heads learned.")
             if self.eval_split == SEARCH_SPLIT:
                 raise ValueError(
                     f"--search chooses on the {SEARCH_SPLIT} split; evaluate on another one (--eval-split test)."
-                )
-        if self.l1_search is not None:
-            if self.heads != "learned":
-                raise ValueError("--l1-search chooses the L1 weight of step 1, so it needs --heads learned.")
-            if not self.l1_search or min(self.l1_search) <= 0:
-                raise ValueError(f"--l1-search needs one or more L1 weights > 0, got {self.l1_search}.")
-            if len({f"{value:g}" for value in self.l1_search}) < len(self.l1_search):
-                raise ValueError(f"--l1-search values must differ (to 6 significant digits), got {self.l1_search}.")
-            if self.eval_split == L1_SEARCH_SPLIT:
-                raise ValueError(
-                    f"--l1-search chooses on the {L1_SEARCH_SPLIT} split; evaluate on another one (--eval-split test)."
                 )
 
     def make_quick(self) -> "PipelineSettings":

@@ -1,4 +1,5 @@
-"""Plugin-free serving: the folder ``lofit export --merged`` writes is what vLLM and llama.cpp read.
+"""``lofit export``: a plain transformers checkpoint, refused targets, and plugin-free serving (the folder
+``lofit export --merged`` writes is what vLLM and llama.cpp read).
 
 Neither engine runs here (see ``benchmarks/serving/`` for the checks that run them). What they read from a merged
 folder is checked directly, for the families an engine loads: ``config.json`` names ``LlamaForCausalLM`` with
@@ -6,7 +7,8 @@ folder is checked directly, for the families an engine loads: ``config.json`` na
 ``model.layers.N.self_attn.o_proj.bias`` to ``blk.N.attn_output.bias``), and the safetensors hold every bias that flag
 implies under the names Llama uses, with values that are exactly ``W_0 v`` (and ``W_0 diag(1 + A)`` for the weight).
 Qwen2 and Mistral are merged "as Llama"; Qwen2's own q/k/v biases must survive. The existing tests cover the merge in
-memory and reloading with transformers (test_peft_conformance, test_ecosystem); these read the files as an engine does.
+memory and reloading with transformers (test_peft_conformance and the first test here); the rest read the files as an
+engine does.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_model, tiny_tokenizer
+from conftest import HEADS, VOCAB, tiny_model, tiny_model_folder, tiny_tokenizer
 from peft import get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
@@ -25,7 +27,6 @@ from peft_lofit import LoFiTConfig, LoFiTLayer
 from peft_lofit.app import cli
 from peft_lofit.checkpoint import save_adapter
 
-HEADS = [[0, 1], [1, 3]]  # a head on each of the two layers
 FAMILIES = ["llama", "qwen2", "mistral"]
 
 
@@ -135,3 +136,49 @@ def test_reloaded_merged_folder_computes_the_unmerged_adapter(exported, inputs):
         expected = adapted(inputs).logits
         torch.testing.assert_close(reloaded(inputs).logits, expected, atol=1e-5, rtol=1e-5)
         assert (base(inputs).logits - expected).abs().max() > 0.1  # the check could fail: the adapter acts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_export_writes_a_plain_transformers_checkpoint(tmp_path, inputs, dtype):
+    """The merged folder keeps the base checkpoint's dtype and config (no pad token added for training)."""
+    base_dir = tmp_path / "base"
+    tiny_model("llama", dtype=dtype).save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    adapted = get_peft_model(tiny_model("llama"), LoFiTConfig(heads=HEADS, use_scaling=True, init_weights=False))
+    save_adapter(adapted, tmp_path / "adapter")
+    with torch.no_grad():
+        expected = adapted(inputs).logits
+    command = ["export", "--model", str(base_dir), "--adapter", str(tmp_path / "adapter")]
+    assert cli.main([*command, "--merged", str(tmp_path / "merged")]) == 0
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    base_config = json.loads((base_dir / "config.json").read_text())
+    assert config["attention_bias"] is True and config["dtype"] == base_config["dtype"] == str(dtype).split(".")[1]
+    assert config.get("pad_token_id") == base_config.get("pad_token_id")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2  # bfloat16 weights: rounding of the merged weights
+    with torch.no_grad():
+        torch.testing.assert_close(merged(inputs).logits, expected, atol=tolerance, rtol=tolerance)
+    assert cli.main([*command, "--merged", str(tmp_path / "float32"), "--dtype", "float32"]) == 0
+    assert json.loads((tmp_path / "float32" / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_export_refuses_a_file_or_the_base_model_folder_before_loading(tmp_path, adapter_dir, capsys):
+    folder, _ = adapter_dir
+    base = tiny_model_folder(tmp_path / "base")
+    weights = (base / "model.safetensors").read_bytes()
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text("{}")
+    for merged, message in (
+        (tmp_path / "a_file", "is a file"),
+        (base, "is the --model folder"),
+        (folder, "is the --adapter folder"),
+        (folder.parent, "holds the --adapter folder"),
+        (tmp_path / "run", "is a folder with other files in it"),
+    ):
+        assert cli.main(["export", "--adapter", str(folder), "--model", str(base), "--merged", str(merged)]) == 2
+        assert message in capsys.readouterr().err
+    assert (base / "model.safetensors").read_bytes() == weights and (tmp_path / "a_file").read_text() == "x"
+    assert (tmp_path / "run" / "metrics.json").read_text() == "{}"
+    assert cli.main(["export", "--adapter", str(folder), "--model", str(base), "--merged", str(tmp_path / "m")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # renamed into place
