@@ -182,13 +182,12 @@ def check(path: Path, entry: dict, threads: int, kv: str) -> tuple[float, float,
     return max_all, max_token, compare_greedy(entry["greedy"], entry["greedy_margins"], continuations)
 
 
-def check_variant(
-    args, family: str, entry: dict, fallback_tokenizer: str, variant: str, outtype: str, kv: str
-) -> dict:
+def check_variant(args, family: str, families: dict, variant: str, outtype: str, kv: str) -> dict:
     """Convert one folder of ``family`` (``variant``: merged or base) to a GGUF of ``outtype``, run it with a ``kv``
     KV cache and compare it with the reference: one results row (role "blocked" when the conversion failed)."""
     target = args.work / family / "gguf" / f"{variant}-{outtype}.gguf"
-    tokenizer_source = Path(entry.get("tokenizer_source", fallback_tokenizer))
+    entry = families[family]
+    tokenizer_source = Path(entry.get("tokenizer_source") or families["llama"]["base"])  # older references lack it
     conversion = convert(
         sys.executable, args.converter, entry[variant], outtype, target, tokenizer_source, Path(entry["merged"])
     )
@@ -246,7 +245,6 @@ def main(argv=None) -> int:
     import llama_cpp
 
     reference = load_reference(args.work)
-    fallback_tokenizer = reference["families"]["llama"]["base"]
     rows, started = [], time.perf_counter()
     versions = {
         "llama_cpp_python": llama_cpp.__version__,
@@ -256,8 +254,7 @@ def main(argv=None) -> int:
     }
     for family in args.families or list(reference["families"]):
         for variant, outtype, kv in VARIANTS:
-            entry = reference["families"][family]
-            rows.append(check_variant(args, family, entry, fallback_tokenizer, variant, outtype, kv))
+            rows.append(check_variant(args, family, reference["families"], variant, outtype, kv))
             write_results(args.results, "llama_cpp", section(rows, versions, started))
     result = {**section(rows, versions, started), "verdict": final_verdict(rows)}
     write_results(args.results, "llama_cpp", result)
