@@ -132,6 +132,25 @@ def test_an_interrupted_tuning_keeps_its_finished_trials(finished, tmp_path, mon
     assert json.loads((output / "headline_tuning.json").read_text())["truthfulqa/0/ia3"]["trials"][0] == first_trial
 
 
+def test_the_first_seed_trains_again_when_the_winning_adapter_is_gone(finished, tmp_path, monkeypatch):
+    folder, args, spaces = finished
+    _, tuning = rows_and_tuning(folder)
+    output = tmp_path / "results"
+    output.mkdir()
+    record = {**tuning["truthfulqa/0/lora_r1"], "best": {**tuning["truthfulqa/0/lora_r1"]["best"], "adapter": "gone"}}
+    (output / "headline_tuning.json").write_text(json.dumps({"truthfulqa/0/lora_r1": record}))
+    trained = []
+    original = headline.Headline.baseline_run
+    monkeypatch.setattr(headline, "SPACES", spaces)
+    monkeypatch.setattr(headline.Headline, "baseline_run", lambda self, *a: trained.append(a) or original(self, *a))
+    again = [*args[: args.index("--output")], "--methods", "lora_r1", "--seeds", "42", "--output", str(output)]
+    cli.main(["headline", *again, "--work-dir", str(tmp_path / "work")])
+    assert trained == [("lora_r1", record["best"]["learning_rate"], 42, "test")]
+    row = json.loads((output / "headline.json").read_text())[0]
+    first = next(r for r in rows_and_tuning(folder)[0] if (r["method"], r["seed"]) == ("lora_r1", 42))
+    assert row["metrics"] == pytest.approx(first["metrics"], abs=1e-6)
+
+
 def test_only_the_headline_methods_are_accepted(tmp_path):
     with pytest.raises(ValueError, match="the headline compares base, lofit, lora_r8, lora_r1, ia3; not iti"):
         cli.main(["headline", "--methods", "iti", "--output", str(tmp_path)])

@@ -9,8 +9,8 @@ For one task (and TruthfulQA fold):
      ranking reused for every K, then one step-2 training per (K, learning rate).
    - LoRA r8, LoRA r1 and IA3 get one training per learning rate.
 2. **Test.** For every seed, the winner's settings train on ``train`` and score on ``test``, and LoFiT localizes again
-   for each seed. The first seed reuses the winning trial's adapter: the same rows, settings and seed give the same
-   weights.
+   for each seed. The first seed reuses the winning trial's adapter while its folder is there: the same rows, settings
+   and seed give the same weights.
 
 Each (task, fold, method, seed) is one row of ``headline.json``, written as it finishes. Rows already there are
 skipped and finished trials reused, so a stopped run resumes where it stopped. ``headline_report.py`` builds the
@@ -155,7 +155,7 @@ class Headline:
         )
         if METHODS[name].rank:
             settings["rank"] = METHODS[name].rank
-        if seed == self.first_seed:  # the winning trial is this seed's training: score its adapter
+        if seed == self.first_seed and Path(best["adapter"]).is_dir():  # the winning trial is this seed's training
             trained = {key: best[key] for key in ("trained_numbers", "adapter_bytes", "train_seconds")}
             model = PeftModel.from_pretrained(copy.deepcopy(self.model), best["adapter"])
             metrics = self.task.evaluate(
