@@ -9,7 +9,8 @@
 
 Expected errors (bad input, missing files) are reported as one line (``lofit: error: ...``) with exit status 2;
 ``lofit --debug ...`` shows their traceback. Anything else is a bug and shows its traceback. ``localize``, ``train``,
-``run`` and ``eval`` also run under ``torchrun`` / ``accelerate launch`` (DDP): every process trains, the main process writes.
+``run`` and ``eval`` also run under ``torchrun`` / ``accelerate launch`` (DDP): every process trains, the main
+process writes.
 """
 
 from __future__ import annotations
