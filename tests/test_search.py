@@ -18,7 +18,7 @@ from peft_lofit.app.search import SearchSpace
 
 def test_the_winner_is_the_first_of_equal_scores(tmp_path, monkeypatch):
     val_scores = {3e-1: 0.5, 1e-4: 0.5, 1e-2: 0.4}
-    monkeypatch.setattr(search_module, "_localize_once", lambda settings, l1, *rest: Path(f"heads_{l1:g}.json"))
+    monkeypatch.setattr(search_module, "_localize_once", lambda *args: None)
     monkeypatch.setattr(
         pipeline,
         "run_pipeline",
@@ -30,7 +30,37 @@ def test_the_winner_is_the_first_of_equal_scores(tmp_path, monkeypatch):
     settings = tiny_settings(tmp_path)
     search = search_module.run_search(settings, SearchSpace(l1=[3e-1, 1e-4, 1e-2]), model=None, tokenizer=None)
     assert [trial["score"] for trial in search["trials"]] == [0.5, 0.5, 0.4]
-    assert search["best"]["l1"] == 3e-1 and search["head_selection"] == "heads_0.3.json"
+    assert search["best"]["l1"] == 3e-1
+    assert search["head_selection"] == str(tmp_path / "run" / "search" / "l1_0.3" / "head_selection.json")
+
+
+def test_a_stopped_search_resumes_without_training_finished_trials_again(tmp_path, monkeypatch):
+    settings = tiny_settings(tmp_path, search=SearchSpace(k=[1, 2], learning_rate=[1e-2, 5e-2]))
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    first = search_module.run_search(settings, settings.search, model, tokenizer)
+    root = tmp_path / "run" / "search"
+    (root / "trial_002" / search_module.TRIAL_FILE).unlink()  # as if killed while the third trial ran
+    ran = []
+    original, localize_once = pipeline.run_pipeline, search_module._localize_once
+
+    def counted(trial, *args):
+        ran.append(trial.output_dir)
+        return original(trial, *args)
+
+    def no_localization(*args):
+        raise AssertionError("the finished localization ran again")
+
+    monkeypatch.setattr(pipeline, "run_pipeline", counted)
+    monkeypatch.setattr(search_module, "_localize_once", no_localization)
+    resumed = search_module.run_search(settings, settings.search, model, tokenizer)
+    assert ran == [str(root / "trial_002")]
+    assert [t["score"] for t in resumed["trials"]] == pytest.approx([t["score"] for t in first["trials"]], abs=1e-6)
+    assert resumed["best"]["output_dir"] == first["best"]["output_dir"]
+    changed = tiny_settings(tmp_path, search=settings.search, seed=7)  # other settings: nothing is reused
+    ran.clear()
+    monkeypatch.setattr(search_module, "_localize_once", localize_once)
+    search_module.run_search(changed, changed.search, model, tokenizer)
+    assert len(ran) == 4
 
 
 def test_search_chooses_lambda_k_lr_and_epochs_on_validation(tmp_path):

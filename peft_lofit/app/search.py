@@ -6,13 +6,15 @@ the validation split by the task's ``selection_metric`` (MC2 for TruthfulQA, exa
 a row of ``OUTPUT/search/trials.json`` (and ``trials.md``), written as it finishes. The budget is ``max_trials``:
 when the grid is larger, that many of its points are tried, drawn in a seeded random order (plain random search,
 no early stopping). The best trial wins, the first one on a tie; ``run_pipeline`` then trains its settings on the
-training split and evaluates on the test split.
+training split and evaluates on the test split. A stopped search resumes where it stopped (``fingerprint``).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
+import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +25,8 @@ from ..markdown import markdown_table
 from ..timing import timed
 
 SEARCH_SPLIT = "val"
+TRIAL_FILE = "search_trial.json"  # in each trial's folder: its record, and the run it belongs to
+LOCALIZATION_FILE = "localization.json"  # beside each lambda's head selection: the run that wrote it, its seconds
 
 
 @dataclass
@@ -110,46 +114,79 @@ def trials_table(trials: list[dict], metric: str) -> str:
     return markdown_table(("lambda", "K", "learning rate", "epochs", f"val {metric}", "seconds"), rows) + "\n"
 
 
+def fingerprint(settings) -> str:
+    """What a finished trial or localization of a search depends on besides its own grid point: every setting of
+    the run except the search budget (the same command gives the same fingerprint)."""
+    described = {**asdict(settings), "search": None}
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # not there, or half-written by a killed run: do it again
+        return None
+
+
+def _localization(settings, l1: float, model, tokenizer, rows, folder: Path, run: str) -> float:
+    """Make sure ``folder/head_selection.json`` is the localization with L1 weight ``l1`` of the run ``run``
+    (a fingerprint): kept when a run with the same settings wrote it, else localized now. Returns its seconds."""
+    done = _read_json(folder / LOCALIZATION_FILE)
+    if done and done["fingerprint"] == run and (folder / "head_selection.json").is_file():
+        return done["seconds"]
+    seconds = {}
+    with timed(seconds, "localize"):
+        _localize_once(settings, l1, model, tokenizer, rows, folder)
+    atomic_write_json(folder / LOCALIZATION_FILE, {"fingerprint": run, "seconds": round(seconds["localize"], 1)})
+    return round(seconds["localize"], 1)
+
+
 def run_search(settings, space: SearchSpace, model, tokenizer) -> dict:
-    """Try the grid on the validation split (see the module docstring); return the trials and the best one."""
+    """Try the grid on the validation split (see the module docstring); return the trials and the best one.
+
+    A stopped search resumes: a trial (or localization) that a run with the same settings finished is read back from
+    its folder instead of run again.
+    """
     from .pipeline import run_pipeline
     from .tasks import get_task
 
     task = get_task(settings.task)
     root = Path(settings.output_dir) / "search"
     rows = task.training_rows("train", data_dir=settings.data_dir, fold=settings.fold, limit=settings.train_limit)
-    points = space.grid(settings)
-    heads_files = {}
+    run = fingerprint(settings)
     trials = []
-    for index, point in enumerate(points):
+    for index, point in enumerate(space.grid(settings)):
+        folder, heads = root / f"trial_{index:03d}", root / f"l1_{point['l1']:g}"
+        done = _read_json(folder / TRIAL_FILE)
+        if done and done["fingerprint"] == run and done["point"] == point:
+            trials.append(done["trial"])
+            continue
+        localize_seconds = _localization(settings, point["l1"], model, tokenizer, rows, heads, run)
+        first = {"localize_seconds": localize_seconds} if all(t["l1"] != point["l1"] for t in trials) else {}
+        trial = _trial_settings(settings, point, heads / "head_selection.json", folder)
         seconds = {}
-        if point["l1"] not in heads_files:
-            with timed(seconds, "localize"):
-                heads_files[point["l1"]] = _localize_once(
-                    settings, point["l1"], model, tokenizer, rows, root / f"l1_{point['l1']:g}"
-                )
-            point = {**point, "localize_seconds": round(seconds["localize"], 1)}
-        trial = _trial_settings(settings, point, heads_files[point["l1"]], root / f"trial_{index:03d}")
         with timed(seconds, "trial"):
             result = run_pipeline(trial, copy.deepcopy(model), tokenizer)
-        trials.append(
-            {
-                **point,
-                "k": result["num_heads_selected"],
-                "score": result["lofit"][task.selection_metric],
-                "seconds": round(seconds["trial"], 1),
-                "output_dir": trial.output_dir,
-            }
-        )
+        record = {
+            **point,
+            **first,
+            "k": result["num_heads_selected"],
+            "score": result["lofit"][task.selection_metric],
+            "seconds": round(seconds["trial"], 1),
+            "output_dir": trial.output_dir,
+        }
+        atomic_write_json(folder / TRIAL_FILE, {"fingerprint": run, "point": point, "trial": record})
+        trials.append(record)
         atomic_write_json(root / "trials.json", trials)  # as each trial finishes: nothing is lost to an interruption
+    atomic_write_json(root / "trials.json", trials)
     atomic_write_text(root / "trials.md", trials_table(trials, task.selection_metric))
     best = max(trials, key=lambda row: row["score"])  # max keeps the first of equal scores
     return {
         "metric": task.selection_metric,
         "split": SEARCH_SPLIT,
-        "strategy": _strategy(space, settings, len(points)),
+        "strategy": _strategy(space, settings, len(trials)),
         "space": asdict(space),
         "trials": trials,
         "best": best,
-        "head_selection": str(heads_files[best["l1"]]),
+        "head_selection": str(root / f"l1_{best['l1']:g}" / "head_selection.json"),
     }
