@@ -7,8 +7,8 @@ folder is checked directly, for the families an engine loads: ``config.json`` na
 ``model.layers.N.self_attn.o_proj.bias`` to ``blk.N.attn_output.bias``), and the safetensors hold every bias that flag
 implies under the names Llama uses, with values that are exactly ``W_0 v`` (and ``W_0 diag(1 + A)`` for the weight).
 Qwen2 and Mistral are merged "as Llama"; Qwen2's own q/k/v biases must survive. The existing tests cover the merge in
-memory and reloading with transformers (test_peft_conformance and the first test here); the rest read the files as an
-engine does.
+memory and reloading with transformers (test_peft_conformance and
+``test_export_writes_a_plain_transformers_checkpoint`` here); the serving tests read the files as an engine does.
 """
 
 from __future__ import annotations

@@ -3,13 +3,15 @@ written as they finish and resumed, and the report built from the rows alone."""
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 from conftest import small_run, tiny_model_folder
 
 from benchmarks.lofit_bench import cli, headline
 from benchmarks.lofit_bench.headline import ROW_FIELDS, Space
-from benchmarks.lofit_bench.headline_report import END, START, TWO_FOLDS, groups, write_report
+from benchmarks.lofit_bench.headline_report import END, START, TWO_FOLDS, groups, report, write_report
+from benchmarks.lofit_bench.methods import METHODS
 
 SEEDS = (42, 43)
 
@@ -59,7 +61,7 @@ def test_each_method_is_tuned_on_val_with_the_same_budget_and_tested_with_the_wi
     folder, _, spaces = finished
     rows, tuning = rows_and_tuning(folder)
     for method, space in spaces.items():
-        record = tuning[f"truthfulqa/0/{method}"]
+        record = tuning[f"truthfulqa/fold0/{method}"]
         assert record["split"] == "val" and record["metric"] == "mc2" and record["seed"] == SEEDS[0]
         assert len(record["trials"]) == 2 and {trial["learning_rate"] for trial in record["trials"]} == set(
             space.learning_rates
@@ -74,7 +76,7 @@ def test_the_first_seed_is_the_winning_trial_trained_again(finished):
     """The first seed's row scores the winning trial's adapter; training those settings anew gives the same scores."""
     folder, _, _ = finished
     rows, tuning = rows_and_tuning(folder)
-    best = tuning["truthfulqa/0/lora_r8"]["best"]
+    best = tuning["truthfulqa/fold0/lora_r8"]["best"]
     row = next(row for row in rows if (row["method"], row["seed"]) == ("lora_r8", SEEDS[0]))
     args = cli.build_parser().parse_args(["headline", *finished[1]])
     again = headline.Headline(args).baseline_run("lora_r8", best["learning_rate"], SEEDS[0], "test")
@@ -83,18 +85,21 @@ def test_the_first_seed_is_the_winning_trial_trained_again(finished):
 
 
 def test_lofit_seeds_localize_again_and_the_first_reuses_the_search(finished):
-    folder, _, _ = finished
-    _, tuning = rows_and_tuning(folder)
-    record = tuning["truthfulqa/0/lofit"]
+    folder, args, _ = finished
+    rows, tuning = rows_and_tuning(folder)
+    record = tuning["truthfulqa/fold0/lofit"]
     assert record["strategy"] == "full grid of 2 trials"
-    best = record["best"]
-    config = json.loads(
-        (folder / "work" / "truthfulqa_fold0" / "lofit_search")
-        .joinpath(best["adapter"], "adapter_config.json")
-        .read_text()
-    )
-    assert len(config["heads"]) == best["k"] == 2  # the first seed's row scored this adapter: the winner's K heads
-    second = json.loads((folder / "work" / "truthfulqa_fold0" / f"lofit_seed{SEEDS[1]}" / "metrics.json").read_text())
+    best, work = record["best"], folder / "work" / "truthfulqa_fold0"
+    assert len(json.loads((Path(best["adapter"]) / "adapter_config.json").read_text())["heads"]) == best["k"] == 2
+    first = next(row for row in rows if (row["method"], row["seed"]) == ("lofit", SEEDS[0]))
+    assert not (work / f"lofit_seed{SEEDS[0]}").exists()  # the first seed scored the winning trial's adapter
+    assert [first[key] for key in ("trained_numbers", "adapter_bytes", "train_seconds")] == [
+        best[key] for key in ("trained_numbers", "adapter_bytes", "train_seconds")
+    ]
+    # ... which is what the recipe gives when it localizes and trains again with that seed
+    again = headline.Headline(cli.build_parser().parse_args(["headline", *args])).lofit_run(record, SEEDS[0], "test")
+    assert again["metrics"] == pytest.approx(first["metrics"], abs=1e-6)
+    second = json.loads((work / f"lofit_seed{SEEDS[1]}" / "metrics.json").read_text())
     assert second["settings"]["seed"] == SEEDS[1] and second["settings"]["heads"] == "learned"
     assert second["settings"]["localize"]["l1_lambda"] == best["l1"] and "localize_s" in second["timings_s"]
 
@@ -116,11 +121,11 @@ def test_a_finished_run_is_not_trained_again(finished, monkeypatch):
 def test_an_interrupted_tuning_keeps_its_finished_trials(finished, tmp_path, monkeypatch):
     folder, args, spaces = finished
     _, tuning = rows_and_tuning(folder)
-    first_trial = tuning["truthfulqa/0/ia3"]["trials"][0]
+    first_trial = tuning["truthfulqa/fold0/ia3"]["trials"][0]
     output = tmp_path / "results"
     output.mkdir()
     (output / "headline_tuning.json").write_text(
-        json.dumps({"truthfulqa/0/ia3": {**tuning["truthfulqa/0/ia3"], "trials": [first_trial], "best": None}})
+        json.dumps({"truthfulqa/fold0/ia3": {**tuning["truthfulqa/fold0/ia3"], "trials": [first_trial], "best": None}})
     )
     trained = []
     original = headline.Headline.baseline_run
@@ -129,7 +134,9 @@ def test_an_interrupted_tuning_keeps_its_finished_trials(finished, tmp_path, mon
     resumed = [*args[: args.index("--output")], "--methods", "ia3", "--seeds", "42", "--output", str(output)]
     cli.main(["headline", *resumed, "--work-dir", str(tmp_path / "work")])
     assert trained == [("ia3", 1e-2, 42, "val")]  # only the missing trial; the first seed reuses the winner
-    assert json.loads((output / "headline_tuning.json").read_text())["truthfulqa/0/ia3"]["trials"][0] == first_trial
+    assert (
+        json.loads((output / "headline_tuning.json").read_text())["truthfulqa/fold0/ia3"]["trials"][0] == first_trial
+    )
 
 
 def test_the_first_seed_trains_again_when_the_winning_adapter_is_gone(finished, tmp_path, monkeypatch):
@@ -137,8 +144,11 @@ def test_the_first_seed_trains_again_when_the_winning_adapter_is_gone(finished, 
     _, tuning = rows_and_tuning(folder)
     output = tmp_path / "results"
     output.mkdir()
-    record = {**tuning["truthfulqa/0/lora_r1"], "best": {**tuning["truthfulqa/0/lora_r1"]["best"], "adapter": "gone"}}
-    (output / "headline_tuning.json").write_text(json.dumps({"truthfulqa/0/lora_r1": record}))
+    record = {
+        **tuning["truthfulqa/fold0/lora_r1"],
+        "best": {**tuning["truthfulqa/fold0/lora_r1"]["best"], "adapter": "gone"},
+    }
+    (output / "headline_tuning.json").write_text(json.dumps({"truthfulqa/fold0/lora_r1": record}))
     trained = []
     original = headline.Headline.baseline_run
     monkeypatch.setattr(headline, "SPACES", spaces)
@@ -151,21 +161,58 @@ def test_the_first_seed_trains_again_when_the_winning_adapter_is_gone(finished, 
     assert row["metrics"] == pytest.approx(first["metrics"], abs=1e-6)
 
 
-def test_only_the_headline_methods_are_accepted(tmp_path):
-    with pytest.raises(ValueError, match="the headline compares base, lofit, lora_r8, lora_r1, ia3; not iti"):
-        cli.main(["headline", "--methods", "iti", "--output", str(tmp_path)])
+def test_rows_of_a_run_with_other_settings_are_refused_not_mixed(finished, monkeypatch):
+    folder, args, spaces = finished
+    monkeypatch.setattr(headline, "SPACES", spaces)
+    other = [*args[: args.index("--epochs")], "--epochs", "2", *args[args.index("--epochs") + 2 :]]
+    with pytest.raises(
+        ValueError, match=r"row \('truthfulqa', 0, 'base', None\) comes from a run with other settings"
+    ):
+        cli.main(["headline", *other])
+
+
+def test_the_headline_options_are_its_own():
+    parse = cli.build_parser().parse_args
+    assert parse(["headline"]).seeds == [42, 43, 44] and parse(["headline"]).methods == list(headline.HEADLINE_METHODS)
+    assert parse(["grid"]).seeds == [42] and parse(["grid"]).methods == list(METHODS)  # the grid's stay its own
+    with pytest.raises(SystemExit):
+        parse(["headline", "--methods", "iti"])
+
+
+def synthetic_row(task, fold, method, seed, score, trained=1728, k=27):
+    metrics = {"mc1": score / 2, "mc2": score, "mc3": score / 3} if task == "truthfulqa" else {"accuracy": score}
+    return dict(
+        task=task,
+        fold=fold,
+        method=method,
+        seed=seed,
+        metrics={**metrics, "n": 409},
+        trained_numbers=trained,
+        adapter_bytes=4 * trained,
+        train_seconds=10.0 * (seed or 0),
+        settings={"learning_rate": 0.01, "k": k},
+    )
 
 
 def test_two_fold_means_are_per_seed_means_of_the_folds():
-    def row(fold, method, seed, mc2):
-        metrics = {"mc1": mc2 / 2, "mc2": mc2, "mc3": mc2 / 3}
-        return dict(task="truthfulqa", fold=fold, method=method, seed=seed, metrics=metrics, train_seconds=10.0 * seed)
-
-    rows = [row(0, "lofit", 1, 0.5), row(1, "lofit", 1, 0.7), row(0, "lofit", 2, 0.6), row(1, "lofit", 2, 0.6)]
-    rows += [row(0, "lofit", 3, 0.9)]  # fold 1 lacks seed 3: left out of the mean
+    rows = [synthetic_row("truthfulqa", 0, "lofit", 1, 0.5), synthetic_row("truthfulqa", 1, "lofit", 1, 0.7, 3456, 54)]
+    rows += [
+        synthetic_row("truthfulqa", 0, "lofit", 2, 0.6),
+        synthetic_row("truthfulqa", 1, "lofit", 2, 0.6, 3456, 54),
+    ]
+    rows += [synthetic_row("truthfulqa", 0, "lofit", 3, 0.9)]  # fold 1 lacks seed 3: left out of the mean
     mean = groups(rows)["truthfulqa", TWO_FOLDS]["lofit"]
     assert [(r["seed"], r["metrics"]["mc2"]) for r in mean] == [(1, pytest.approx(0.6)), (2, pytest.approx(0.6))]
-    assert statistics.mean(r["metrics"]["mc2"] for r in mean) == pytest.approx(0.6)
+    assert all(r["trained_numbers"] == (1728 + 3456) / 2 and "n" not in r["metrics"] for r in mean)
+    table = report(rows)
+    assert "**truthfulqa, mean of folds 0 and 1**" in table and "| lr 0.01, K 27 / lr 0.01, K 54 |" in table
+    assert "| 0.600 ± 0.000 |" in table and "| 2,592 |" in table
+
+
+def test_tasks_without_folds_get_their_own_table():
+    rows = [synthetic_row("mquake", None, "base", None, 0.1, 0), synthetic_row("mquake", None, "lofit", 42, 0.4)]
+    table = report(rows)
+    assert table.startswith("**mquake** (test split") and "| accuracy |" in table and "| 0.400 ± 0.000 |" in table
 
 
 def test_the_report_is_built_from_the_rows_and_put_in_the_readmes(finished, tmp_path):

@@ -31,7 +31,7 @@ def test_the_winner_is_the_first_of_equal_scores(tmp_path, monkeypatch):
     search = search_module.run_search(settings, SearchSpace(l1=[3e-1, 1e-4, 1e-2]), model=None, tokenizer=None)
     assert [trial["score"] for trial in search["trials"]] == [0.5, 0.5, 0.4]
     assert search["best"]["l1"] == 3e-1
-    assert search["head_selection"] == str(tmp_path / "run" / "search" / "l1_0.3" / "head_selection.json")
+    assert search["head_selection"] == str(tmp_path / "run" / "search" / "trial_000" / "head_selection.json")
 
 
 def test_a_stopped_search_resumes_without_training_finished_trials_again(tmp_path, monkeypatch):
@@ -126,3 +126,5 @@ def test_search_settings_are_checked(tmp_path, overrides, message):
         SearchSpace(k=[2, 2])
     with pytest.raises(ValueError, match=r"search values for l1 must be > 0, got \[0.001, 0.0\]"):
         SearchSpace(l1=[1e-3, 0.0])
+    with pytest.raises(ValueError, match="must differ \\(to 6 significant digits\\)"):  # they would share a folder
+        SearchSpace(l1=[1e-3, 1.0000001e-3])

@@ -65,7 +65,9 @@ def _data_and_methods(options) -> None:
 
 
 def _training(options) -> None:
-    options.add_argument("--train-limit", type=int, default=None, help="training rows (default: all)")
+    options.add_argument(
+        "--train-limit", type=int, default=None, help="training rows (default: the task's size, CLUTRR 300; 0: all)"
+    )
     options.add_argument("--eval-limit", type=int, default=None, help="test examples (default: all)")
     # the pipeline's defaults (the paper's recipe): one source for `lofit run` and the benchmark
     options.add_argument("--epochs", type=float, default=RUN.train.epochs)
@@ -85,7 +87,7 @@ def _baselines_and_sweeps(options) -> None:
         "--repe-layers", nargs="*", type=int, default=None, help="RepE layers (default: middle third)"
     )
     options.add_argument(
-        "--sweep-data", nargs="*", type=int, default=[], help="training-set sizes (0 = all) for lofit and lora_r8"
+        "--sweep-data", nargs="*", type=int, default=[], help="training-set sizes (0: all rows) for lofit and lora_r8"
     )
     options.add_argument("--sweep-k", nargs="*", type=float, default=[], help="fractions of heads for lofit")
 
@@ -126,14 +128,32 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("eval-speed", parents=[options], help="TruthfulQA scoring with and without the prefix cache")
     combined = commands.add_parser("combine", parents=[options], help="one table from earlier results.json files")
     combined.add_argument("files", nargs="+", metavar="RESULTS_JSON")
-    headline = commands.add_parser(
-        "headline", parents=[options], help="every method tuned on val, then trained with 3 seeds (headline.py)"
+    _headline_options(
+        commands.add_parser("headline", help="every method tuned on val, then trained with 3 seeds (headline.py)")
     )
-    headline.set_defaults(methods=list(HEADLINE_METHODS), seeds=[42, 43, 44])
-    headline.add_argument("--work-dir", default="lofit_runs/headline", help="adapters and trial folders")
-    reported = commands.add_parser("headline-report", parents=[options], help="headline.json to tables and plot")
+    reported = commands.add_parser("headline-report", help="headline.json to tables and plot (headline_report.py)")
+    reported.add_argument("--output", default="benchmarks/results", help="the folder holding headline.json")
     reported.add_argument("--readmes", nargs="*", default=["README.md", "benchmarks/README.md"], type=Path)
     return parser
+
+
+def _headline_options(options) -> None:
+    """The headline's own options: it runs a fixed protocol (headline.py), so the grid's method settings are not here."""
+    options.add_argument("--task", default="truthfulqa", choices=sorted(TASKS))
+    options.add_argument("--fold", type=int, default=0, help="TruthfulQA fold (other tasks have none)")
+    options.add_argument("--model", default=None, help="HF model id or folder (default: SmolLM2-135M-Instruct)")
+    options.add_argument("--data-dir", default=None)
+    options.add_argument("--methods", nargs="+", default=list(HEADLINE_METHODS), choices=HEADLINE_METHODS)
+    options.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44], help="test seeds (tuning uses 42)")
+    options.add_argument(
+        "--train-limit", type=int, default=None, help="training rows (default: the task's size; 0: all)"
+    )
+    options.add_argument("--eval-limit", type=int, default=None, help="val and test examples (default: all)")
+    options.add_argument("--epochs", type=float, default=RUN.train.epochs, help="epochs of every training")
+    options.add_argument("--localize-epochs", type=float, default=RUN.localize.epochs)
+    options.add_argument("--threads", type=int, default=None)
+    options.add_argument("--output", default="benchmarks/results", help="headline.json and headline_tuning.json")
+    options.add_argument("--work-dir", default="lofit_runs/headline", help="adapters and trial folders")
 
 
 def print_latency(result: dict) -> None:
@@ -164,10 +184,16 @@ def eval_speed(args, output: Path) -> dict:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
+    if args.command == "headline-report":
+        rows = json.loads((output / "headline.json").read_text(encoding="utf-8"))
+        command = "python -m benchmarks.lofit_bench " + " ".join(argv if argv is not None else sys.argv[1:])
+        tables = write_report(rows, output, args.readmes, command)
+        print(tables)
+        return {"headline_report": tables}
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.command == "combine":
         table = combine(args.files, get_task(args.task).metrics, output)
         print(table)
@@ -184,12 +210,6 @@ def main(argv=None) -> dict:
         return {"train_speed": result}
     if args.command == "headline":
         return {"headline": Headline(args).run()}
-    if args.command == "headline-report":
-        rows = json.loads((output / "headline.json").read_text(encoding="utf-8"))
-        command = "python -m benchmarks.lofit_bench " + " ".join(argv if argv is not None else sys.argv[1:])
-        tables = write_report(rows, output, args.readmes, command)
-        print(tables)
-        return {"headline_report": tables}
     if args.command == "eval-speed":
         return {"eval_speed": eval_speed(args, output)}
     measured = eval_speed(args, output) if args.task == "truthfulqa" and args.eval_speed_questions else None

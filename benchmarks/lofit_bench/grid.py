@@ -148,8 +148,8 @@ def _collect_iti_probes(model, tokenizer, args, limit: Optional[int]):
 
     if args.task != "truthfulqa":
         raise ValueError("ITI probes are trained on TruthfulQA true/false answers; use --task truthfulqa.")
-    train = load_truthfulqa("train", fold=args.fold, data_dir=args.data_dir)[:limit]
-    val = load_truthfulqa("val", fold=args.fold, data_dir=args.data_dir)[:limit]
+    train = load_truthfulqa("train", fold=args.fold, data_dir=args.data_dir)[: limit or None]
+    val = load_truthfulqa("val", fold=args.fold, data_dir=args.data_dir)[: limit or None]
     (train_texts, train_y), (val_texts, val_y) = (
         baselines.truthfulqa_probe_texts(train),
         baselines.truthfulqa_probe_texts(val),
@@ -170,7 +170,7 @@ def computed_adapter(method: str, model, tokenizer, args, k: int, limit: Optiona
         selection, train_x, train_y = iti_probe_data(model, tokenizer, args, limit, cache)
         offsets = baselines.iti_offsets(train_x, train_y, selection.top(k), args.iti_alpha)
         return baselines.adapter_with_offsets(model, offsets)
-    train = load_truthfulqa("train", fold=args.fold, data_dir=args.data_dir)[:limit]
+    train = load_truthfulqa("train", fold=args.fold, data_dir=args.data_dir)[: limit or None]
     true_texts = [f"Q: {q.question} A: {q.best_answer}" for q in train]
     false_texts = [f"Q: {q.question} A: {q.incorrect[0]}" for q in train]
     vectors = baselines.reading_vectors(
@@ -191,7 +191,7 @@ def grid_runs(args) -> list[tuple]:
         if m in args.methods
         for s in args.extra_seeds
     ]
-    runs += [(m, args.seeds[0], size or None, args.fraction) for size in args.sweep_data for m in ("lofit", "lora_r8")]
+    runs += [(m, args.seeds[0], size, args.fraction) for size in args.sweep_data for m in ("lofit", "lora_r8")]
     runs += [("lofit", args.seeds[0], args.train_limit, f) for f in args.sweep_k]
     return list(dict.fromkeys(runs))
 

@@ -3,31 +3,34 @@ its winning settings under several seeds and scored on the whole test split.
 
 For one task (and TruthfulQA fold):
 
-1. **Tune** on ``val`` with the first seed. Every method gets ``TRIALS`` trials of the same number of epochs, the
-   full grid of its ``SPACES`` entry, with no early stopping: the same tuning budget.
+1. **Tune** on ``val`` with seed ``TUNING_SEED``. Every method gets ``TRIALS`` trials of the same number of epochs,
+   the full grid of its ``SPACES`` entry, with no early stopping: the same tuning budget.
    - LoFiT goes through ``lofit run --search``'s own ``run_search``: one localization with the paper's lambda, its
      ranking reused for every K, then one step-2 training per (K, learning rate).
    - LoRA r8, LoRA r1 and IA3 get one training per learning rate.
 2. **Test.** For every seed, the winner's settings train on ``train`` and score on ``test``, and LoFiT localizes again
-   for each seed. The first seed reuses the winning trial's adapter while its folder is there: the same rows, settings
-   and seed give the same weights.
+   for each seed. Seed ``TUNING_SEED`` reuses the winning trial's adapter while its folder is there: the same rows,
+   settings and seed give the same weights.
 
-Each (task, fold, method, seed) is one row of ``headline.json``, written as it finishes. Rows already there are
-skipped and finished trials reused, so a stopped run resumes where it stopped. ``headline_report.py`` builds the
-tables and the plot from the file alone.
+Each (task, fold, method, seed) is one row of ``headline.json``, written as it finishes (under a lock, so runs of
+other tasks can share the file). A stopped run resumes: rows already there are skipped and finished trials reused,
+but only those of a run with the same settings (``run_settings``); others are refused, not mixed in.
+``headline_report.py`` builds the tables and the plot from the file alone.
 """
 
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from peft import PeftModel
 
-from peft_lofit.app.default_model import load_model_and_tokenizer
+from peft_lofit.app.default_model import DEFAULT_MODEL, load_model_and_tokenizer
 from peft_lofit.app.pipeline import heads_per_layer, run_pipeline, with_best_trial
 from peft_lofit.app.search import SearchSpace, run_search
 from peft_lofit.app.settings import PipelineSettings
@@ -52,6 +55,7 @@ ROW_FIELDS = (
     "train_seconds",
     "settings",
 )
+TUNING_SEED = 42
 RUN = PipelineSettings()
 
 
@@ -83,8 +87,21 @@ def read_json(path: Path, empty):
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else empty
 
 
-def row_key(row: dict) -> tuple:
-    return row["task"], row["fold"], row["method"], row["seed"]
+@contextmanager
+def locked(path: Path):
+    """Hold an exclusive lock on ``path``'s lock file: one writer at a time among processes sharing ``--output``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def update_json(path: Path, empty, change: Callable):
+    """Read ``path`` (``empty`` when missing), apply ``change`` and write the result back, under the lock."""
+    with locked(path):
+        value = change(read_json(path, empty))
+        atomic_write_json(path, value)
+    return value
 
 
 def adapter_file_bytes(folder: Path) -> int:
@@ -95,48 +112,56 @@ class Headline:
     """The tuning and test runs of one task (and fold); ``run`` does every missing row of ``methods`` x ``seeds``."""
 
     def __init__(self, args):
-        unknown = [name for name in args.methods if name not in HEADLINE_METHODS]
-        if unknown:
-            raise ValueError(f"the headline compares {', '.join(HEADLINE_METHODS)}; not {', '.join(unknown)}.")
         self.args, self.task = args, get_task(args.task)
-        self.fold = args.fold if args.task == "truthfulqa" else None
-        self.work = Path(args.work_dir) / (args.task if self.fold is None else f"{args.task}_fold{self.fold}")
-        self.rows_file, self.tuning_file = (
-            Path(args.output) / "headline.json",
-            Path(args.output) / "headline_tuning.json",
-        )
-        self.rows = read_json(self.rows_file, [])
-        self.tuning = read_json(self.tuning_file, {})
+        self.fold = args.fold if args.task == "truthfulqa" else None  # MQuAKE and CLUTRR have one split
+        self.data_fold = self.fold or 0
+        self.label = args.task if self.fold is None else f"{args.task}/fold{self.fold}"
+        self.work = Path(args.work_dir) / self.label.replace("/", "_")
+        self.rows_file = Path(args.output) / "headline.json"
+        self.tuning_file = Path(args.output) / "headline_tuning.json"
+        self.run_settings = {
+            "model": args.model or DEFAULT_MODEL,
+            "data_dir": args.data_dir,
+            "train_limit": args.train_limit,
+            "eval_limit": args.eval_limit,
+            "epochs": args.epochs,
+            "localize_epochs": args.localize_epochs,
+        }
         self.model, self.tokenizer = load_model_and_tokenizer(args.model)
         self.train_rows = self.task.training_rows(
-            "train", data_dir=args.data_dir, fold=args.fold, limit=args.train_limit
+            "train", data_dir=args.data_dir, fold=self.data_fold, limit=args.train_limit
         )
 
-    @property
-    def first_seed(self) -> int:
-        return self.args.seeds[0]
-
     def evaluation(self, split: str) -> dict:
-        return dict(split=split, data_dir=self.args.data_dir, fold=self.args.fold, limit=self.args.eval_limit)
+        return dict(split=split, data_dir=self.args.data_dir, fold=self.data_fold, limit=self.args.eval_limit)
 
     def run(self) -> list[dict]:
         """Base model, then each method's tuning and first seed, then the other seeds (comparable rows come first)."""
-        trained = [name for name in self.args.methods if name != "base"]
         if "base" in self.args.methods:
             self.add_row("base", None, self.base_row)
         for seed in self.args.seeds:
-            for name in trained:
+            for name in (name for name in self.args.methods if name != "base"):
                 self.add_row(name, seed, lambda name=name, seed=seed: self.test_row(name, seed))
-        return self.rows
+        return read_json(self.rows_file, [])
+
+    def check_same_run(self, what: str, recorded: dict) -> None:
+        if recorded != self.run_settings:
+            raise ValueError(
+                f"{what} comes from a run with other settings ({recorded}, now {self.run_settings}): use another "
+                "--output (and --work-dir) for these settings, or the same options to resume that run."
+            )
 
     def add_row(self, method: str, seed: Optional[int], build) -> None:
         key = (self.args.task, self.fold, method, seed)
-        if any(row_key(row) == key for row in self.rows):
+        rows = read_json(self.rows_file, [])
+        done = next((row for row in rows if (row["task"], row["fold"], row["method"], row["seed"]) == key), None)
+        if done:
+            self.check_same_run(f"{self.rows_file}'s row {key}", done["settings"]["run"])
             return
-        print(f"\n=== headline: {self.args.task} fold {self.fold} {method} seed {seed} ===", flush=True)
+        print(f"\n=== headline: {self.label} {method} seed {seed} ===", flush=True)
         row = {"task": self.args.task, "fold": self.fold, "method": method, "seed": seed, **build()}
-        self.rows.append({name: row[name] for name in ROW_FIELDS})
-        atomic_write_json(self.rows_file, self.rows)
+        row["settings"]["run"] = self.run_settings
+        update_json(self.rows_file, [], lambda rows: [*rows, {name: row[name] for name in ROW_FIELDS}])
 
     def base_row(self) -> dict:
         metrics = self.task.evaluate(
@@ -147,7 +172,7 @@ class Headline:
     def test_row(self, name: str, seed: int) -> dict:
         record = self.tuned(name)
         best = record["best"]
-        settings = {**{key: best[key] for key in ("learning_rate", "epochs", "k", "l1") if key in best}}
+        settings = {key: best[key] for key in ("learning_rate", "epochs", "k", "l1") if key in best}
         settings.update(
             batch_size=RUN.train.batch_size,
             train_rows=len(self.train_rows),
@@ -155,15 +180,12 @@ class Headline:
         )
         if METHODS[name].rank:
             settings["rank"] = METHODS[name].rank
-        if seed == self.first_seed and Path(best["adapter"]).is_dir():  # the winning trial is this seed's training
+        if seed == record["seed"] and Path(best["adapter"]).is_dir():  # the winning trial is this seed's training
             trained = {key: best[key] for key in ("trained_numbers", "adapter_bytes", "train_seconds")}
             model = PeftModel.from_pretrained(copy.deepcopy(self.model), best["adapter"])
+            desc = f"{name} seed {seed}"
             metrics = self.task.evaluate(
-                model,
-                self.tokenizer,
-                batch_size=RUN.eval_batch_size,
-                desc=f"{name} seed {seed}",
-                **self.evaluation("test"),
+                model, self.tokenizer, batch_size=RUN.eval_batch_size, desc=desc, **self.evaluation("test")
             )
             return {"metrics": metrics, **trained, "settings": settings}
         if name == "lofit":
@@ -173,49 +195,59 @@ class Headline:
     # --- tuning -----------------------------------------------------------------------------------------------
     def tuned(self, name: str) -> dict:
         """The tuning record of ``name`` (trials and the best one), run or finished now if it is missing."""
-        key = f"{self.args.task}/{self.fold}/{name}"
-        record = self.tuning.get(key, {})
+        key = f"{self.label}/{name}"
+        record = read_json(self.tuning_file, {}).get(key, {})
+        if record:
+            self.check_same_run(f"{self.tuning_file}'s {key}", record["run"])
         if not record.get("best"):
             record = self.tune_lofit() if name == "lofit" else self.tune_baseline(name, key, record.get("trials", []))
             self.save_tuning(key, record)
         return record
 
     def save_tuning(self, key: str, record: dict) -> None:
-        self.tuning[key] = record
-        atomic_write_json(self.tuning_file, self.tuning)
+        update_json(self.tuning_file, {}, lambda tuning: {**tuning, key: record})
+
+    def record(self, trials: list[dict], best: Optional[dict]) -> dict:
+        return {
+            "metric": self.task.selection_metric,
+            "split": "val",
+            "seed": TUNING_SEED,
+            "run": self.run_settings,
+            "trials": trials,
+            "best": best,
+        }
 
     def tune_baseline(self, name: str, key: str, done: list[dict]) -> dict:
-        trials = list(done)
+        trials = list(done)  # finished trials of this run (same settings and seed, checked by ``tuned``)
         for learning_rate in SPACES[name].learning_rates:
             if any(trial["learning_rate"] == learning_rate for trial in trials):
                 continue
-            run = self.baseline_run(name, learning_rate, self.first_seed, "val")
+            run = self.baseline_run(name, learning_rate, TUNING_SEED, "val")
             trials.append({"learning_rate": learning_rate, "epochs": self.args.epochs, **run})
             self.save_tuning(key, self.record(trials, best=None))  # each trial as it finishes
         return self.record(trials, best=max(trials, key=lambda trial: trial["score"]))
 
     def tune_lofit(self) -> dict:
-        total = sum(heads_per_layer(self.model))
-        space = SearchSpace(
-            k=sorted({resolve_k(total, fraction=fraction) for fraction in SPACES["lofit"].k_fractions}),
-            learning_rate=list(SPACES["lofit"].learning_rates),
-            epochs=[self.args.epochs],
-        )
-        settings = self.lofit_settings(self.first_seed, self.work / "lofit_search")
-        search = run_search(settings, space, self.model, self.tokenizer)
-        localize_seconds = {
-            trial["l1"]: trial["localize_seconds"] for trial in search["trials"] if "localize_seconds" in trial
-        }
+        total, fractions = sum(heads_per_layer(self.model)), SPACES["lofit"].k_fractions
+        ks = sorted({resolve_k(total, fraction=fraction) for fraction in fractions})
+        if len(ks) < len(fractions):
+            raise ValueError(f"the K fractions {fractions} give only K = {ks} on a model with {total} heads.")
+        space = SearchSpace(k=ks, learning_rate=list(SPACES["lofit"].learning_rates), epochs=[self.args.epochs])
+        search = run_search(self.lofit_settings(TUNING_SEED), space, self.model, self.tokenizer)
         trials = []
         for trial in search["trials"]:
-            finished = read_json(Path(trial["output_dir"]) / "metrics.json", {})
+            folder = Path(trial["output_dir"])
+            finished = read_json(folder / "metrics.json", {})
+            localize_seconds = search["localize_seconds"][f"{trial['l1']:g}"]
             trials.append(
                 {
                     **{key: trial[key] for key in ("l1", "k", "learning_rate", "epochs", "score")},
                     "trained_numbers": finished["trainable_parameters"],
-                    "adapter": str(Path(trial["output_dir"]) / "adapter"),
-                    "adapter_bytes": adapter_file_bytes(Path(trial["output_dir"]) / "adapter"),
-                    "train_seconds": round(localize_seconds[trial["l1"]] + finished["timings_s"]["train_s"], 1),
+                    "adapter": str(folder / "adapter"),
+                    "adapter_bytes": adapter_file_bytes(folder / "adapter"),
+                    "train_seconds": None
+                    if localize_seconds is None
+                    else round(localize_seconds + finished["timings_s"]["train_s"], 1),
                 }
             )
         best = trials[search["trials"].index(search["best"])]
@@ -225,25 +257,17 @@ class Headline:
             "strategy": search["strategy"],
         }
 
-    def record(self, trials: list[dict], best: Optional[dict]) -> dict:
-        return {
-            "metric": self.task.selection_metric,
-            "split": "val",
-            "seed": self.first_seed,
-            "trials": trials,
-            "best": best,
-        }
-
     # --- one training -----------------------------------------------------------------------------------------
-    def lofit_settings(self, seed: int, output: Path) -> PipelineSettings:
+    def lofit_settings(self, seed: int, output: Optional[Path] = None) -> PipelineSettings:
+        """LoFiT's settings for this run; the search's folder unless ``output`` is given."""
         settings = PipelineSettings(
             task=self.args.task,
             model=self.args.model,
             data_dir=self.args.data_dir,
-            fold=self.args.fold,
+            fold=self.data_fold,
             train_limit=self.args.train_limit,
             eval_limit=self.args.eval_limit,
-            output_dir=str(output),
+            output_dir=str(output or self.work / "lofit_search"),
             seed=seed,
         )
         settings.localize.epochs, settings.train.epochs = self.args.localize_epochs, self.args.epochs
@@ -251,8 +275,8 @@ class Headline:
 
     def lofit_run(self, record: dict, seed: int, split: str) -> dict:
         """The tuned LoFiT recipe with ``seed``: localize (the winner's lambda), train the winner's K heads, score."""
-        searched = self.lofit_settings(self.first_seed, self.work / "lofit_search")
-        settings = with_best_trial(searched, {"best": record["best"], "head_selection": record["head_selection"]})
+        searched = {"best": record["best"], "head_selection": record["head_selection"]}
+        settings = with_best_trial(self.lofit_settings(TUNING_SEED), searched)
         settings.heads, settings.seed, settings.eval_split = "learned", seed, split
         settings.output_dir = str(self.work / f"lofit_seed{seed}")
         result = run_pipeline(settings, copy.deepcopy(self.model), self.tokenizer)
@@ -282,12 +306,9 @@ class Headline:
                 model, self.tokenizer, self.train_rows, self.task.objective, method.peft_config(model), settings
             )
         save_adapter(peft_model, folder / "adapter")
+        desc = f"{name} lr {learning_rate:g} {split}"
         metrics = self.task.evaluate(
-            peft_model,
-            self.tokenizer,
-            batch_size=RUN.eval_batch_size,
-            desc=f"{name} lr {learning_rate:g} {split}",
-            **self.evaluation(split),
+            peft_model, self.tokenizer, batch_size=RUN.eval_batch_size, desc=desc, **self.evaluation(split)
         )
         return {
             "metrics": metrics,

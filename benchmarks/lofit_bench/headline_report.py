@@ -33,30 +33,47 @@ def groups(rows: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
 
 
 def _fold_means(first: dict[str, list[dict]], second: dict[str, list[dict]]) -> dict[str, list[dict]]:
-    """Per method and seed both folds ran, one row whose metrics are the mean of the two folds'."""
+    """Per method and seed both folds ran, one row of the two folds' means: metrics, trained numbers (K is tuned per
+    fold), adapter bytes and training seconds; its settings list both folds'."""
+    metrics = get_task("truthfulqa").metrics
     means = {}
     for method in first.keys() & second.keys():
         by_seed = {row["seed"]: row for row in second[method]}
+        pairs = [(row, by_seed[row["seed"]]) for row in first[method] if row["seed"] in by_seed]
         means[method] = [
             {
-                **row,
+                "task": "truthfulqa",
                 "fold": TWO_FOLDS,
-                "metrics": {
-                    name: (value + by_seed[row["seed"]]["metrics"][name]) / 2 for name, value in row["metrics"].items()
+                "method": method,
+                "seed": one["seed"],
+                "metrics": {name: (one["metrics"][name] + two["metrics"][name]) / 2 for name in metrics},
+                **{
+                    name: _mean([one[name], two[name]])
+                    for name in ("trained_numbers", "adapter_bytes", "train_seconds")
                 },
-                "train_seconds": (row["train_seconds"] + by_seed[row["seed"]]["train_seconds"]) / 2,
+                "settings": {"folds": [one["settings"], two["settings"]]},
             }
-            for row in first[method]
-            if row["seed"] in by_seed
+            for one, two in pairs
         ]
     return {method: members for method, members in means.items() if members}
+
+
+def _mean(values: list):
+    """The mean, or None when a value is not known (a training time a resumed search could not read back)."""
+    return None if None in values else statistics.mean(values)
+
+
+def _title(task: str, fold) -> str:
+    if fold is None:
+        return task
+    return f"{task}, {TWO_FOLDS} 0 and 1" if fold == TWO_FOLDS else f"{task}, fold {fold}"
 
 
 def summary(members: list[dict], metrics: tuple[str, ...]) -> dict:
     """Mean and spread over seeds of each metric, and the seeds' mean training time."""
     entry = {"seeds": len(members), "trained_numbers": members[0]["trained_numbers"]}
     entry["adapter_bytes"] = members[0]["adapter_bytes"]
-    entry["train_seconds"] = statistics.mean(row["train_seconds"] for row in members)
+    entry["train_seconds"] = _mean([row["train_seconds"] for row in members])
     entry["settings"] = members[0]["settings"]
     for name in metrics:
         values = [row["metrics"][name] for row in members]
@@ -65,6 +82,9 @@ def summary(members: list[dict], metrics: tuple[str, ...]) -> dict:
 
 
 def _tuned(settings: dict) -> str:
+    """The tuned values of a row's settings ("lr 0.002", "lr 0.01, K 27"); per fold for a mean of folds."""
+    if "folds" in settings:
+        return " / ".join(_tuned(fold) for fold in settings["folds"])
     parts = [f"lr {settings['learning_rate']:g}"] if "learning_rate" in settings else []
     parts += [f"K {settings['k']}"] if "k" in settings else []
     return ", ".join(parts) or "–"
@@ -82,16 +102,15 @@ def table(task: str, fold, methods: dict[str, list[dict]]) -> str:
                 name,
                 str(e["seeds"]),
                 *(f"{e[m]:.3f} ± {e[m + '_std']:.3f}" for m in metrics),
-                f"{e['trained_numbers']:,}",
+                f"{e['trained_numbers']:,.0f}",
                 fewer,
                 f"{e['adapter_bytes'] / 1024:.1f}",
-                f"{e['train_seconds']:.0f}",
+                "–" if e["train_seconds"] is None else f"{e['train_seconds']:.0f}",
                 _tuned(e["settings"]),
             ]
         )
     header = ("method", "seeds", *metrics, "trained numbers", "fewer than LoRA r8", "adapter KB", "train s", "tuned")
-    title = task if fold is None else f"{task}, {'fold ' + str(fold) if fold != TWO_FOLDS else TWO_FOLDS + ' 0 and 1'}"
-    return f"**{title}** (test split; mean ± spread over seeds)\n\n{markdown_table(header, lines)}"
+    return f"**{_title(task, fold)}** (test split; mean ± spread over seeds)\n\n{markdown_table(header, lines)}"
 
 
 def plot(grouped: dict, path: Path) -> Path:
@@ -115,7 +134,7 @@ def plot(grouped: dict, path: Path) -> Path:
         axes.set_xscale("log")
         axes.set_xlabel("trained numbers (log)")
         axes.set_ylabel(f"test {metric}")
-        axes.set_title(task if fold is None else f"{task} ({'fold ' + str(fold) if fold != TWO_FOLDS else TWO_FOLDS})")
+        axes.set_title(_title(task, fold))
         axes.legend(fontsize=7)
     figure.tight_layout()
     return atomic_write_figure(path, figure)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import save_adapter
-from ..distributed import barrier, is_main_process
+from ..distributed import is_main_process
 from ..io import atomic_write_json
 from ..markdown import markdown_table
 from ..timing import timed
@@ -173,7 +173,6 @@ def _searched(settings: PipelineSettings, model, tokenizer, timings: dict):
         return settings, model, tokenizer, {"search": None}
     with timed(timings, "search_s"):
         search = run_search(settings, settings.search, model, tokenizer)
-    barrier()  # the main process has written the head selections the other processes read next
     return with_best_trial(settings, search), model, tokenizer, {"search": search}
 
 

@@ -37,7 +37,10 @@ def _heads_line(metrics: dict) -> str:
         f"- heads localized on the same data: top {k} by ||A|| with L1 weight "
         f"{settings.get('localize', {}).get('l1_lambda')} (`head_selection.json`, heatmap `head_selection.png`)"
     )
-    return line + ("; K and the weight were chosen by the hyperparameter search below" if search else "")
+    chosen = [name for axis, name in (("k", "K"), ("l1", "the weight")) if search and search["space"].get(axis)]
+    if not chosen:
+        return line
+    return f"{line}; {' and '.join(chosen)} {'was' if len(chosen) == 1 else 'were'} chosen by the hyperparameter search below"
 
 
 def model_card(config: dict, metrics: Optional[dict] = None, repo_id: Optional[str] = None) -> str:

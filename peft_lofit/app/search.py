@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..distributed import barrier, is_main_process
 from ..io import atomic_write_json, atomic_write_text
 from ..markdown import markdown_table
 from ..timing import timed
@@ -44,8 +45,8 @@ class SearchSpace:
             values = getattr(self, name)
             if any(not value > 0 for value in values):
                 raise ValueError(f"search values for {name} must be > 0, got {values}.")
-            if len(set(values)) < len(values):
-                raise ValueError(f"search values for {name} must differ, got {values}.")
+            if len({f"{value:g}" for value in values}) < len(values):  # folder names use 6 significant digits
+                raise ValueError(f"search values for {name} must differ (to 6 significant digits), got {values}.")
         if self.max_trials is not None and self.max_trials < 1:
             raise ValueError(f"--search-max-trials must be at least 1, got {self.max_trials}.")
 
@@ -114,11 +115,14 @@ def trials_table(trials: list[dict], metric: str) -> str:
     return markdown_table(("lambda", "K", "learning rate", "epochs", f"val {metric}", "seconds"), rows) + "\n"
 
 
-def fingerprint(settings) -> str:
+def fingerprint(settings, task) -> str:
     """What a finished trial or localization of a search depends on besides its own grid point: every setting of
-    the run except the search budget (the same command gives the same fingerprint)."""
-    described = {**asdict(settings), "search": None}
-    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
+    the run except the search space, and the bytes of the training and validation data."""
+    digest = hashlib.sha256(json.dumps({**asdict(settings), "search": None}, sort_keys=True, default=str).encode())
+    for split in ("train", SEARCH_SPLIT):
+        for path in task.data_files(split, settings.data_dir, settings.fold):
+            digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
 
 
 def _read_json(path: Path) -> Optional[dict]:
@@ -137,7 +141,8 @@ def _localization(settings, l1: float, model, tokenizer, rows, folder: Path, run
     seconds = {}
     with timed(seconds, "localize"):
         _localize_once(settings, l1, model, tokenizer, rows, folder)
-    atomic_write_json(folder / LOCALIZATION_FILE, {"fingerprint": run, "seconds": round(seconds["localize"], 1)})
+    if is_main_process():
+        atomic_write_json(folder / LOCALIZATION_FILE, {"fingerprint": run, "seconds": round(seconds["localize"], 1)})
     return round(seconds["localize"], 1)
 
 
@@ -153,33 +158,36 @@ def run_search(settings, space: SearchSpace, model, tokenizer) -> dict:
     task = get_task(settings.task)
     root = Path(settings.output_dir) / "search"
     rows = task.training_rows("train", data_dir=settings.data_dir, fold=settings.fold, limit=settings.train_limit)
-    run = fingerprint(settings)
-    trials = []
+    run = fingerprint(settings, task)
+    trials, localize_seconds = [], {}
     for index, point in enumerate(space.grid(settings)):
         folder, heads = root / f"trial_{index:03d}", root / f"l1_{point['l1']:g}"
         done = _read_json(folder / TRIAL_FILE)
         if done and done["fingerprint"] == run and done["point"] == point:
             trials.append(done["trial"])
+            localize_seconds.setdefault(point["l1"], (_read_json(heads / LOCALIZATION_FILE) or {}).get("seconds"))
             continue
-        localize_seconds = _localization(settings, point["l1"], model, tokenizer, rows, heads, run)
-        first = {"localize_seconds": localize_seconds} if all(t["l1"] != point["l1"] for t in trials) else {}
+        if localize_seconds.get(point["l1"]) is None:
+            localize_seconds[point["l1"]] = _localization(settings, point["l1"], model, tokenizer, rows, heads, run)
         trial = _trial_settings(settings, point, heads / "head_selection.json", folder)
         seconds = {}
         with timed(seconds, "trial"):
             result = run_pipeline(trial, copy.deepcopy(model), tokenizer)
         record = {
             **point,
-            **first,
             "k": result["num_heads_selected"],
             "score": result["lofit"][task.selection_metric],
             "seconds": round(seconds["trial"], 1),
             "output_dir": trial.output_dir,
         }
-        atomic_write_json(folder / TRIAL_FILE, {"fingerprint": run, "point": point, "trial": record})
         trials.append(record)
-        atomic_write_json(root / "trials.json", trials)  # as each trial finishes: nothing is lost to an interruption
-    atomic_write_json(root / "trials.json", trials)
-    atomic_write_text(root / "trials.md", trials_table(trials, task.selection_metric))
+        if is_main_process():  # as each trial finishes: nothing is lost to an interruption
+            atomic_write_json(folder / TRIAL_FILE, {"fingerprint": run, "point": point, "trial": record})
+            atomic_write_json(root / "trials.json", trials)
+    if is_main_process():
+        atomic_write_json(root / "trials.json", trials)
+        atomic_write_text(root / "trials.md", trials_table(trials, task.selection_metric))
+    barrier()  # the other processes read the head selection the main process wrote
     best = max(trials, key=lambda row: row["score"])  # max keeps the first of equal scores
     return {
         "metric": task.selection_metric,
@@ -188,5 +196,7 @@ def run_search(settings, space: SearchSpace, model, tokenizer) -> dict:
         "space": asdict(space),
         "trials": trials,
         "best": best,
-        "head_selection": str(root / f"l1_{best['l1']:g}" / "head_selection.json"),
+        # the ranking the winning trial trained on, as that trial saved it (a lambda folder can be overwritten)
+        "head_selection": str(Path(best["output_dir"]) / "head_selection.json"),
+        "localize_seconds": {f"{l1:g}": seconds for l1, seconds in localize_seconds.items()},  # None: not known
     }

@@ -34,9 +34,12 @@ class Task:
     def training_rows(
         self, split: str = "train", data_dir=None, fold: int = 0, limit: Optional[int] = None
     ) -> list[dict]:
-        """The first ``limit`` rows of ``split``; for the train split ``limit`` defaults to ``train_size``."""
+        """The first ``limit`` rows of ``split``; ``0`` means every row, and ``None`` every row but of the train split,
+        where it means ``train_size`` (the paper's training-set size)."""
         if limit is None and split == "train":
             limit = self.train_size
+        elif limit == 0:
+            limit = None
         return self._rows(split, data_dir, fold)[:limit]
 
     @property
