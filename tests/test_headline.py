@@ -232,3 +232,14 @@ def test_the_report_is_built_from_the_rows_and_put_in_the_readmes(finished, tmp_
     (tmp_path / "plain.md").write_text("no markers\n")
     with pytest.raises(ValueError, match="has no '<!-- headline:start -->'"):
         write_report(rows, tmp_path / "results", [tmp_path / "plain.md"], "the command")
+
+
+def test_headline_report_command_fills_the_readmes_it_finds_by_default(finished, tmp_path, monkeypatch):
+    folder, _, _ = finished
+    for readme in (tmp_path / "README.md", tmp_path / "benchmarks" / "README.md"):
+        readme.parent.mkdir(exist_ok=True)
+        readme.write_text(f"{START}\n{END}\n")
+    monkeypatch.chdir(tmp_path)
+    cli.main(["headline-report", "--output", str(folder / "results")])
+    assert "| lofit |" in (tmp_path / "README.md").read_text()
+    assert "| lofit |" in (tmp_path / "benchmarks" / "README.md").read_text()

@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reported = commands.add_parser("headline-report", help="headline.json to tables and plot (headline_report.py)")
     reported.add_argument("--output", default="benchmarks/results", help="the folder holding headline.json")
-    reported.add_argument("--readmes", nargs="*", default=["README.md", "benchmarks/README.md"], type=Path)
+    reported.add_argument("--readmes", nargs="*", default=[Path("README.md"), Path("benchmarks/README.md")], type=Path)
     return parser
 
 
