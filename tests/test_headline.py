@@ -118,21 +118,27 @@ def test_a_finished_run_is_not_trained_again(finished, monkeypatch):
     assert rows_and_tuning(folder) == before
 
 
-def test_an_interrupted_tuning_keeps_its_finished_trials(finished, tmp_path, monkeypatch):
-    folder, args, spaces = finished
-    _, tuning = rows_and_tuning(folder)
-    first_trial = tuning["truthfulqa/fold0/ia3"]["trials"][0]
+def rerun_one_method(finished, tmp_path, monkeypatch, method: str, record: dict):
+    """The headline of ``method`` with seed 42 into a new output whose tuning file holds ``record``: the
+    ``baseline_run`` calls it made, and that output folder."""
+    _, args, spaces = finished
     output = tmp_path / "results"
     output.mkdir()
-    (output / "headline_tuning.json").write_text(
-        json.dumps({"truthfulqa/fold0/ia3": {**tuning["truthfulqa/fold0/ia3"], "trials": [first_trial], "best": None}})
-    )
+    (output / "headline_tuning.json").write_text(json.dumps({f"truthfulqa/fold0/{method}": record}))
     trained = []
     original = headline.Headline.baseline_run
     monkeypatch.setattr(headline, "SPACES", spaces)
     monkeypatch.setattr(headline.Headline, "baseline_run", lambda self, *a: trained.append(a) or original(self, *a))
-    resumed = [*args[: args.index("--output")], "--methods", "ia3", "--seeds", "42", "--output", str(output)]
-    cli.main(["headline", *resumed, "--work-dir", str(tmp_path / "work")])
+    again = [*args[: args.index("--output")], "--methods", method, "--seeds", "42", "--output", str(output)]
+    cli.main(["headline", *again, "--work-dir", str(tmp_path / "work")])
+    return trained, output
+
+
+def test_an_interrupted_tuning_keeps_its_finished_trials(finished, tmp_path, monkeypatch):
+    full = rows_and_tuning(finished[0])[1]["truthfulqa/fold0/ia3"]
+    first_trial = full["trials"][0]
+    stopped = {**full, "trials": [first_trial], "best": None}
+    trained, output = rerun_one_method(finished, tmp_path, monkeypatch, "ia3", stopped)
     assert trained == [("ia3", 1e-2, 42, "val")]  # only the missing trial; the first seed reuses the winner
     assert (
         json.loads((output / "headline_tuning.json").read_text())["truthfulqa/fold0/ia3"]["trials"][0] == first_trial
@@ -140,24 +146,12 @@ def test_an_interrupted_tuning_keeps_its_finished_trials(finished, tmp_path, mon
 
 
 def test_the_first_seed_trains_again_when_the_winning_adapter_is_gone(finished, tmp_path, monkeypatch):
-    folder, args, spaces = finished
-    _, tuning = rows_and_tuning(folder)
-    output = tmp_path / "results"
-    output.mkdir()
-    record = {
-        **tuning["truthfulqa/fold0/lora_r1"],
-        "best": {**tuning["truthfulqa/fold0/lora_r1"]["best"], "adapter": "gone"},
-    }
-    (output / "headline_tuning.json").write_text(json.dumps({"truthfulqa/fold0/lora_r1": record}))
-    trained = []
-    original = headline.Headline.baseline_run
-    monkeypatch.setattr(headline, "SPACES", spaces)
-    monkeypatch.setattr(headline.Headline, "baseline_run", lambda self, *a: trained.append(a) or original(self, *a))
-    again = [*args[: args.index("--output")], "--methods", "lora_r1", "--seeds", "42", "--output", str(output)]
-    cli.main(["headline", *again, "--work-dir", str(tmp_path / "work")])
+    full = rows_and_tuning(finished[0])[1]["truthfulqa/fold0/lora_r1"]
+    record = {**full, "best": {**full["best"], "adapter": "gone"}}
+    trained, output = rerun_one_method(finished, tmp_path, monkeypatch, "lora_r1", record)
     assert trained == [("lora_r1", record["best"]["learning_rate"], 42, "test")]
     row = json.loads((output / "headline.json").read_text())[0]
-    first = next(r for r in rows_and_tuning(folder)[0] if (r["method"], r["seed"]) == ("lora_r1", 42))
+    first = next(r for r in rows_and_tuning(finished[0])[0] if (r["method"], r["seed"]) == ("lora_r1", 42))
     assert row["metrics"] == pytest.approx(first["metrics"], abs=1e-6)
 
 
