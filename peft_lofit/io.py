@@ -113,6 +113,15 @@ def atomic_write_json(path: Path, payload) -> Path:
     return atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
+def read_json_if_complete(path: Path):
+    """The JSON in ``path``, or None when it is missing or unreadable (half-written by a killed run): a cache or
+    record that is then computed again."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def atomic_write_figure(path: Path, figure, dpi: int = 100) -> Path:
     """A ``matplotlib.figure.Figure`` as a PNG file."""
     buffer = BytesIO()

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ..io import atomic_write_json
+from ..io import atomic_write_json, read_json_if_complete
 from .default_model import cache_root
 
 TASK_SOURCES = Path(__file__).parent / "tasks"
@@ -57,10 +57,9 @@ def evaluation_key(model, task, settings: dict) -> str:
 def cached_evaluation(model, task, settings: dict, evaluate: Callable[[], dict], write: bool = True):
     """``(metrics, reused)``: the cached metrics for this key, or ``evaluate()`` stored under it (when ``write``)."""
     path = metrics_cache_root() / f"{evaluation_key(model, task, settings)}.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8")), True
-    except (OSError, ValueError):  # no entry yet, or an unreadable one: evaluate again
-        pass
+    cached = read_json_if_complete(path)  # None: no entry yet, or an unreadable one: evaluate again
+    if cached is not None:
+        return cached, True
     metrics = evaluate()
     if write:
         atomic_write_json(path, metrics)

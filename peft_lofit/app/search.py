@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..distributed import barrier, is_main_process
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_text, read_json_if_complete
 from ..markdown import markdown_table
 from ..timing import timed
 
@@ -125,17 +125,10 @@ def fingerprint(settings, task) -> str:
     return digest.hexdigest()
 
 
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # not there, or half-written by a killed run: do it again
-        return None
-
-
 def _localization(settings, l1: float, model, tokenizer, rows, folder: Path, run: str) -> float:
     """Make sure ``folder/head_selection.json`` is the localization with L1 weight ``l1`` of the run ``run``
     (a fingerprint): kept when a run with the same settings wrote it, else localized now. Returns its seconds."""
-    done = _read_json(folder / LOCALIZATION_FILE)
+    done = read_json_if_complete(folder / LOCALIZATION_FILE)
     if done and done["fingerprint"] == run and (folder / "head_selection.json").is_file():
         return done["seconds"]
     seconds = {}
@@ -162,10 +155,12 @@ def run_search(settings, space: SearchSpace, model, tokenizer) -> dict:
     trials, localize_seconds = [], {}
     for index, point in enumerate(space.grid(settings)):
         folder, heads = root / f"trial_{index:03d}", root / f"l1_{point['l1']:g}"
-        done = _read_json(folder / TRIAL_FILE)
+        done = read_json_if_complete(folder / TRIAL_FILE)
         if done and done["fingerprint"] == run and done["point"] == point:
             trials.append(done["trial"])
-            localize_seconds.setdefault(point["l1"], (_read_json(heads / LOCALIZATION_FILE) or {}).get("seconds"))
+            localize_seconds.setdefault(
+                point["l1"], (read_json_if_complete(heads / LOCALIZATION_FILE) or {}).get("seconds")
+            )
             continue
         if localize_seconds.get(point["l1"]) is None:
             localize_seconds[point["l1"]] = _localization(settings, point["l1"], model, tokenizer, rows, heads, run)
