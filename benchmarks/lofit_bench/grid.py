@@ -21,7 +21,7 @@ from peft_lofit.training import TrainSettings, train_adapter
 from peft_lofit.training.heads import HeadSelection, random_heads, resolve_k
 
 from .measure import PeakMemory, adapter_bytes, latency, relative_latency
-from .methods import METHODS
+from .methods import METHODS, train_settings
 from .report import plot, results_table, summarize
 
 ROW_FIELDS = (
@@ -42,14 +42,10 @@ ROW_FIELDS = (
 )
 
 
-def train_settings(args, seed: int, output: Path, learning_rate: float) -> TrainSettings:
-    return TrainSettings(
-        learning_rate=learning_rate,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        seed=seed,
-        output_dir=str(output / "checkpoints"),
-        logging_steps=50,
+def grid_train_settings(args, seed: int, learning_rate: float) -> TrainSettings:
+    """The benchmark's trainer settings with the grid command's epochs and batch size; scratch in ``OUTPUT/tmp``."""
+    return train_settings(
+        learning_rate, epochs=args.epochs, batch_size=args.batch_size, seed=seed, folder=Path(args.output) / "tmp"
     )
 
 
@@ -84,7 +80,7 @@ def run_method(args, name: str, seed: int, train_limit: Optional[int], fraction:
         if method.is_lofit:
             heads = heads_for(method.heads, args, model, tokenizer, rows, task, seed, train_limit, k, cache, row)
             row["k"] = len(heads)
-        settings = train_settings(args, seed, Path(args.output) / "tmp", getattr(args, method.learning_rate))
+        settings = grid_train_settings(args, seed, getattr(args, method.learning_rate))
         config = method.peft_config(model, heads)
         with timed(row, "train_s"), PeakMemory() as memory:
             peft_model, trainer = train_adapter(model, tokenizer, rows, task.objective, config, settings)
@@ -124,7 +120,7 @@ def heads_for(source, args, model, tokenizer, rows, task, seed, train_limit, k, 
         if args.head_selection:
             cache[key] = (HeadSelection.load(args.head_selection), None, None)
         else:
-            settings = train_settings(args, seed, Path(args.output) / "tmp", args.localize_lr)
+            settings = grid_train_settings(args, seed, args.localize_lr)
             settings.epochs, settings.l1_lambda = args.localize_epochs, args.l1
             seconds = {}
             with timed(seconds, "localize"), PeakMemory() as memory:

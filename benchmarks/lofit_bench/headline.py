@@ -38,10 +38,10 @@ from peft_lofit.app.tasks import get_task
 from peft_lofit.checkpoint import save_adapter
 from peft_lofit.io import atomic_write_json
 from peft_lofit.timing import timed
-from peft_lofit.training import TrainSettings, train_adapter
+from peft_lofit.training import train_adapter
 from peft_lofit.training.heads import resolve_k
 
-from .methods import METHODS
+from .methods import METHODS, train_settings
 
 HEADLINE_METHODS = ("base", "lofit", "lora_r8", "lora_r1", "ia3")
 ROW_FIELDS = (
@@ -291,13 +291,8 @@ class Headline:
     def baseline_run(self, name: str, learning_rate: float, seed: int, split: str) -> dict:
         """Train ``name`` with ``learning_rate`` and ``seed`` on the train split, save it and score it on ``split``."""
         method, folder = METHODS[name], self.work / f"{name}_lr{learning_rate:g}_seed{seed}"
-        settings = TrainSettings(
-            learning_rate=learning_rate,
-            epochs=self.args.epochs,
-            batch_size=RUN.train.batch_size,
-            seed=seed,
-            output_dir=str(folder / "checkpoints"),
-            logging_steps=50,
+        settings = train_settings(
+            learning_rate, epochs=self.args.epochs, batch_size=RUN.train.batch_size, seed=seed, folder=folder
         )
         model = copy.deepcopy(self.model)
         seconds: dict = {}

@@ -5,11 +5,13 @@ projection of the architecture table, so every family LoFiT supports can be benc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from peft import IA3Config, LoraConfig
 
 from peft_lofit import LoFiTConfig
+from peft_lofit.training.settings import TrainSettings
 from peft_lofit.tuner.architectures import default_target_modules
 
 
@@ -55,3 +57,16 @@ METHODS = {
     )
 }
 COMPUTED = tuple(name for name, method in METHODS.items() if method.kind == "computed")  # TruthfulQA only
+
+
+def train_settings(learning_rate: float, *, epochs: int, batch_size: int, seed: int, folder: Path) -> TrainSettings:
+    """The trainer settings of every benchmarked training (the grid's and the headline's); checkpoints go to
+    ``folder/checkpoints``."""
+    return TrainSettings(
+        learning_rate=learning_rate,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        output_dir=str(folder / "checkpoints"),
+        logging_steps=50,
+    )

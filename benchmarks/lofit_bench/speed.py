@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import gc
 import statistics
-from pathlib import Path
 
 import torch
 
@@ -19,7 +18,7 @@ from peft_lofit.timing import timed
 from peft_lofit.training import train_adapter
 from peft_lofit.training.heads import HeadSelection, random_heads, resolve_k
 
-from .grid import train_settings
+from .grid import grid_train_settings
 from .measure import EpochTimer, PeakMemory, SavedActivations, latency
 from .methods import METHODS
 
@@ -49,7 +48,7 @@ def training_speed(args) -> dict:
         for variant in SPEED_VARIANTS:
             model, _ = load_model_and_tokenizer(args.model)
             timer, saved = EpochTimer(), SavedActivations()
-            settings = train_settings(args, args.seeds[0], Path(args.output) / "tmp", args.lofit_lr)
+            settings = grid_train_settings(args, args.seeds[0], args.lofit_lr)
             settings.score_loss_positions_only = settings.share_prompts = variant != "lora_r8"
             found = trainer = None
             seconds = {}
