@@ -225,3 +225,14 @@ def test_the_grid_runs_on_other_families(tmp_path):
     # hidden 32, 2 layers: LoRA r8 on the fused qkv (32 -> 96) = 2 x 8 x (32 + 96); IA3 one scale per input feature
     # LoFiT: K = 3% of 8 heads, at least 1, with 8 features
     assert trained == {"lofit": 8, "lora_r8": 2 * 8 * (32 + 96), "ia3": 2 * 32}
+
+
+def test_thread_split_mode(tmp_path):
+    argv = ["thread-split", "--model", str(tiny_model_folder(tmp_path / "tiny")), "--train-limit", "8"]
+    argv += ["--batch-size", "4", "--jobs", "2", "--repeats", "1", "--output", str(tmp_path / "out")]
+    result = cli.main(argv)["thread_split"]
+    assert result["jobs"] == 2 and len(result["epoch_s"]["one_run"]) == 1 and len(result["epoch_s"]["split"]) == 2
+    assert result["threads"] == {"one_run": result["cores"], "split": max(1, result["cores"] // 2)}
+    one, shared = result["epoch_s"]["one_run"][0], sorted(result["epoch_s"]["split"])
+    assert result["throughput_ratio"] == pytest.approx(2 / ((shared[0] + shared[1]) / 2) * one)
+    assert json.loads((tmp_path / "out" / "thread_split.json").read_text()) == result

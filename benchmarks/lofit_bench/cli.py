@@ -8,6 +8,7 @@ evaluation; and the speed and latency measurements. Subcommands (run from the re
     python -m benchmarks.lofit_bench latency --methods lofit lora_r8        # untrained adapters, round-robin
     python -m benchmarks.lofit_bench eval-speed                             # TruthfulQA prefix cache on / off
     python -m benchmarks.lofit_bench combine a/results.json b/results.json  # one table from several runs
+    python -m benchmarks.lofit_bench thread-split --jobs 2 --train-limit 128 # one run vs two at once
     python -m benchmarks.lofit_bench headline --task truthfulqa --fold 0    # tuned methods x 3 seeds (resumes)
     python -m benchmarks.lofit_bench headline-report                        # tables + plot into the READMEs
 
@@ -33,7 +34,7 @@ from .headline import HEADLINE_METHODS, Headline
 from .headline_report import write_report
 from .methods import METHODS
 from .report import combine
-from .speed import eval_cache_speedup, interleaved_latency, training_speed
+from .speed import eval_cache_speedup, interleaved_latency, thread_split, training_speed
 
 RUN = PipelineSettings()
 
@@ -126,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
         "train-speed", parents=[options], help="seconds per epoch of step 1, LoRA r8 and step 2, round-robin"
     )
     commands.add_parser("eval-speed", parents=[options], help="TruthfulQA scoring with and without the prefix cache")
+    split = commands.add_parser(
+        "thread-split", parents=[options], help="LoRA r8 epochs: one run on every core vs --jobs runs at once"
+    )
+    split.add_argument("--jobs", type=int, default=2, help="runs at once, the cores shared out (default 2)")
     combined = commands.add_parser("combine", parents=[options], help="one table from earlier results.json files")
     combined.add_argument("files", nargs="+", metavar="RESULTS_JSON")
     _headline_options(
@@ -208,6 +213,11 @@ def main(argv=None) -> dict:
         atomic_write_json(output / "train_speed.json", result)
         print_train_speed(result)
         return {"train_speed": result}
+    if args.command == "thread-split":
+        result = thread_split(args)
+        atomic_write_json(output / "thread_split.json", result)
+        print(f"{args.jobs} runs at once train {result['throughput_ratio']:.2f}x as much per hour as one: {result}")
+        return {"thread_split": result}
     if args.command == "headline":
         return {"headline": Headline(args).run()}
     if args.command == "eval-speed":

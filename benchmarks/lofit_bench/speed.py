@@ -1,11 +1,15 @@
 """Speed modes: epochs of LoFiT step 1, LoRA r8 and step 2 round-robin; inference latency of untrained adapters
-round-robin; the TruthfulQA evaluation with and without its shared-prefix cache."""
+round-robin; the TruthfulQA evaluation with and without its shared-prefix cache; training throughput of one run
+against several at once."""
 
 from __future__ import annotations
 
 import copy
 import gc
+import multiprocessing
+import os
 import statistics
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -186,4 +190,42 @@ def eval_cache_speedup(model, tokenizer, args, questions: int) -> dict:
         "plain_s": plain,
         "speedup": plain / cached,
         "max_score_difference": difference,
+    }
+
+
+def lora_epoch_seconds(args, threads: int) -> float:
+    """Seconds of one LoRA r8 epoch on the task's training rows with ``threads`` CPU threads (one process's work)."""
+    torch.set_num_threads(threads)
+    task = get_task(args.task)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    rows = task.training_rows("train", data_dir=args.data_dir, fold=args.fold, limit=args.train_limit)
+    settings = grid_train_settings(args, args.seeds[0], args.lora_lr)
+    settings.epochs = 1
+    seconds = {}
+    with timed(seconds, "train"):
+        train_adapter(model, tokenizer, rows, task.objective, METHODS["lora_r8"].peft_config(model), settings)
+    return seconds["train"]
+
+
+def thread_split(args) -> dict:
+    """Training throughput of one run with a thread per core against ``--jobs`` runs at once, the cores shared out.
+
+    Each run is a LoRA r8 epoch of the same rows in its own process; ``--repeats`` rounds alternate the two layouts.
+    ``throughput_ratio`` = (jobs / median seconds of a shared run) / (1 / median seconds of the lone run): above 1,
+    running ``jobs`` trainings at once finishes more of them per hour.
+    """
+    cores, jobs = os.cpu_count() or 1, args.jobs
+    layouts = {"one_run": [cores], "split": [max(1, cores // jobs)] * jobs}
+    seconds: dict[str, list[float]] = {name: [] for name in layouts}
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for _ in range(args.repeats):
+            for name, threads in layouts.items():
+                seconds[name] += pool.map(lora_epoch_seconds, [args] * len(threads), threads)
+    one, shared = statistics.median(seconds["one_run"]), statistics.median(seconds["split"])
+    return {
+        "cores": cores,
+        "jobs": jobs,
+        "threads": {name: threads[0] for name, threads in layouts.items()},
+        "epoch_s": seconds,
+        "throughput_ratio": (jobs / shared) / (1 / one),
     }
