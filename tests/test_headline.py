@@ -10,7 +10,7 @@ from conftest import small_run, tiny_model_folder
 
 from benchmarks.lofit_bench import cli, headline
 from benchmarks.lofit_bench.headline import ROW_FIELDS, Space
-from benchmarks.lofit_bench.headline_report import END, START, TWO_FOLDS, groups, report, write_report
+from benchmarks.lofit_bench.headline_report import EDGE_NOTE, END, START, TWO_FOLDS, groups, report, write_report
 from benchmarks.lofit_bench.methods import METHODS
 
 SEEDS = (42, 43)
@@ -70,6 +70,7 @@ def test_each_method_is_tuned_on_val_with_the_same_budget_and_tested_with_the_wi
         for row in (row for row in rows if row["method"] == method):
             assert row["settings"]["learning_rate"] == record["best"]["learning_rate"]
             assert row["settings"]["tuned_on"] == "val mc2, 2 trials"
+            assert row["settings"]["grid"] == sorted(space.learning_rates)
 
 
 def test_the_first_seed_is_the_winning_trial_trained_again(finished):
@@ -201,6 +202,17 @@ def test_two_fold_means_are_per_seed_means_of_the_folds():
     table = report(rows)
     assert "**truthfulqa, mean of folds 0 and 1**" in table and "| lr 0.01, K 27 / lr 0.01, K 54 |" in table
     assert "| 0.600 ± 0.000 |" in table and "| 2,592 |" in table
+
+
+def test_a_learning_rate_at_the_edge_of_its_grid_is_marked_and_explained():
+    rows = [synthetic_row("mquake", None, method, 42, 0.4) for method in ("lofit", "lora_r8", "lora_r1", "ia3")]
+    grids = {"lofit": [0.005, 0.01], "lora_r8": [0.01, 0.02], "lora_r1": [0.005, 0.01, 0.02], "ia3": [0.01]}
+    for row in rows:
+        row["settings"]["grid"] = grids[row["method"]]
+    lines = {line.split(" | ")[0][2:]: line for line in report(rows).splitlines() if line.startswith("| ")}
+    assert "| lr 0.01 ↑, K 27 |" in lines["lofit"] and "| lr 0.01 ↓, K 27 |" in lines["lora_r8"]
+    assert "| lr 0.01, K 27 |" in lines["lora_r1"] and "| lr 0.01, K 27 |" in lines["ia3"]  # inside; a one-point grid
+    assert report(rows).endswith(EDGE_NOTE) and EDGE_NOTE not in report(rows[2:])
 
 
 def test_tasks_without_folds_get_their_own_table():

@@ -174,6 +174,7 @@ class Headline:
         best = record["best"]
         settings = {key: best[key] for key in ("learning_rate", "epochs", "k", "l1") if key in best}
         settings.update(
+            grid=sorted({trial["learning_rate"] for trial in record["trials"]}),  # the learning rates tuning tried
             batch_size=RUN.train.batch_size,
             train_rows=len(self.train_rows),
             tuned_on=f"{record['split']} {record['metric']}, {len(record['trials'])} trials",

@@ -81,11 +81,21 @@ def summary(members: list[dict], metrics: tuple[str, ...]) -> dict:
     return entry
 
 
+def _grid_edge(settings: dict) -> str:
+    """The mark of a tuned learning rate: an up arrow when it is the largest of the grid its tuning tried
+    (``settings["grid"]``), a down arrow when the smallest, else nothing."""
+    grid, learning_rate = settings.get("grid", ()), settings["learning_rate"]
+    if len(grid) < 2:
+        return ""
+    return " ↑" if learning_rate == max(grid) else " ↓" if learning_rate == min(grid) else ""
+
+
 def _tuned(settings: dict) -> str:
-    """The tuned values of a row's settings ("lr 0.002", "lr 0.01, K 27"); per fold for a mean of folds."""
+    """The tuned values of a row's settings ("lr 0.002", "lr 0.01 ↑, K 27", marked by ``_grid_edge``); per fold for
+    a mean of folds."""
     if "folds" in settings:
         return " / ".join(_tuned(fold) for fold in settings["folds"])
-    parts = [f"lr {settings['learning_rate']:g}"] if "learning_rate" in settings else []
+    parts = [f"lr {settings['learning_rate']:g}{_grid_edge(settings)}"] if "learning_rate" in settings else []
     parts += [f"K {settings['k']}"] if "k" in settings else []
     return ", ".join(parts) or "–"
 
@@ -140,10 +150,16 @@ def plot(grouped: dict, path: Path) -> Path:
     return atomic_write_figure(path, figure)
 
 
+EDGE_NOTE = (
+    "↑ / ↓: the tuned learning rate is the largest / smallest its tuning tried; the best one may lie beyond the grid."
+)
+
+
 def report(rows: list[dict]) -> str:
     grouped = groups(rows)
     order = sorted(grouped, key=lambda key: (key[0], str(key[1])))
-    return "\n\n".join(table(task, fold, grouped[task, fold]) for task, fold in order)
+    tables = "\n\n".join(table(task, fold, grouped[task, fold]) for task, fold in order)
+    return f"{tables}\n\n{EDGE_NOTE}" if "↑" in tables or "↓" in tables else tables
 
 
 def replace_block(readme: Path, block: str) -> None:
