@@ -2,6 +2,7 @@
 written as they finish and resumed, and the report built from the rows alone."""
 
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from benchmarks.lofit_bench import cli, headline
 from benchmarks.lofit_bench.headline import ROW_FIELDS, Space
 from benchmarks.lofit_bench.headline_report import EDGE_NOTE, END, START, TWO_FOLDS, groups, report, write_report
 from benchmarks.lofit_bench.methods import METHODS
+from peft_lofit.app import pipeline
+from peft_lofit.app import search as search_module
 
 SEEDS = (42, 43)
 
@@ -154,6 +157,76 @@ def test_the_first_seed_trains_again_when_the_winning_adapter_is_gone(finished, 
     row = json.loads((output / "headline.json").read_text())[0]
     first = next(r for r in rows_and_tuning(finished[0])[0] if (r["method"], r["seed"]) == ("lora_r1", 42))
     assert row["metrics"] == pytest.approx(first["metrics"], abs=1e-6)
+
+
+def resumed_copy(finished, tmp_path, tuning_change=None):
+    """The finished run's arguments with ``--output`` a copy of its results (the tuning record changed by
+    ``tuning_change``); the work folder stays the same, so its trials and adapters are found."""
+    folder, args, _ = finished
+    output = tmp_path / "results"
+    shutil.copytree(folder / "results", output)
+    if tuning_change:
+        tuning = json.loads((output / "headline_tuning.json").read_text())
+        tuning_change(tuning)
+        (output / "headline_tuning.json").write_text(json.dumps(tuning))
+    at = args.index("--output")
+    return [*args[:at], "--output", str(output), *args[at + 2 :]], output
+
+
+def test_a_grown_grid_tries_only_its_new_points(finished, tmp_path, monkeypatch):
+    _, _, spaces = finished
+    grown = {**spaces, "lofit": Space((1e-2, 5e-2, 1e-1), (0.25,)), "lora_r8": Space((1e-3, 1e-2, 5e-2))}
+    args, output = resumed_copy(finished, tmp_path)
+    trained, searched = [], []
+    baseline_run, run_pipeline = headline.Headline.baseline_run, pipeline.run_pipeline
+    monkeypatch.setattr(headline, "SPACES", grown)
+    monkeypatch.setattr(
+        headline.Headline, "baseline_run", lambda self, *a: trained.append(a) or baseline_run(self, *a)
+    )
+    monkeypatch.setattr(
+        pipeline, "run_pipeline", lambda trial, *a: searched.append(trial.output_dir) or run_pipeline(trial, *a)
+    )
+    monkeypatch.setattr(search_module, "_localize_once", lambda *a: pytest.fail("the finished localization ran again"))
+    cli.main(["headline", *args, "--methods", "lofit", "lora_r8"])
+    assert [Path(folder).name for folder in searched] == ["trial_l1-0.0005_k2_lr0.1_ep1"]
+    assert [call for call in trained if call[-1] == "val"] == [("lora_r8", 5e-2, 42, "val")]
+    rows, tuning = rows_and_tuning(output.parent)
+    for method in ("lofit", "lora_r8"):
+        record = tuning[f"truthfulqa/fold0/{method}"]
+        assert len(record["trials"]) == 3 and record["best"] == max(record["trials"], key=lambda t: t["score"])
+        assert all(
+            row["settings"]["learning_rate"] == record["best"]["learning_rate"]
+            for row in rows
+            if row["method"] == method
+        )
+
+
+def test_a_row_whose_settings_lost_the_tuning_is_trained_again(finished, tmp_path, monkeypatch):
+    """Only the rows of the method whose winner changed are trained again, with the new winner's settings."""
+    before = rows_and_tuning(finished[0])[0]
+
+    def other_winner(tuning):
+        record = tuning["truthfulqa/fold0/ia3"]
+        loser = next(trial for trial in record["trials"] if trial != record["best"])
+        loser["score"] = 2.0
+        record["best"] = loser
+
+    args, output = resumed_copy(finished, tmp_path, other_winner)
+    trained = []
+    baseline_run = headline.Headline.baseline_run
+    monkeypatch.setattr(headline, "SPACES", finished[2])
+    monkeypatch.setattr(
+        headline.Headline, "baseline_run", lambda self, *a: trained.append(a) or baseline_run(self, *a)
+    )
+    cli.main(["headline", *args])
+    new_rate = json.loads((output / "headline_tuning.json").read_text())["truthfulqa/fold0/ia3"]["best"][
+        "learning_rate"
+    ]
+    assert trained == [("ia3", new_rate, SEEDS[1], "test")]  # the first seed scores the winning trial's adapter
+    rows = json.loads((output / "headline.json").read_text())
+    assert [row for row in rows if row["method"] != "ia3"] == [row for row in before if row["method"] != "ia3"]
+    assert sorted(row["seed"] for row in rows if row["method"] == "ia3") == list(SEEDS)
+    assert all(row["settings"]["learning_rate"] == new_rate for row in rows if row["method"] == "ia3")
 
 
 def test_rows_of_a_run_with_other_settings_are_refused_not_mixed(finished, monkeypatch):

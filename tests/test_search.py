@@ -31,7 +31,8 @@ def test_the_winner_is_the_first_of_equal_scores(tmp_path, monkeypatch):
     search = search_module.run_search(settings, SearchSpace(l1=[3e-1, 1e-4, 1e-2]), model=None, tokenizer=None)
     assert [trial["score"] for trial in search["trials"]] == [0.5, 0.5, 0.4]
     assert search["best"]["l1"] == 3e-1
-    assert search["head_selection"] == str(tmp_path / "run" / "search" / "trial_000" / "head_selection.json")
+    first = tmp_path / "run" / "search" / "trial_l1-0.3_k2_lr0.01_ep1"  # the first trial, named by its point
+    assert search["head_selection"] == str(first / "head_selection.json")
 
 
 def test_a_stopped_search_resumes_without_training_finished_trials_again(tmp_path, monkeypatch):
@@ -39,7 +40,8 @@ def test_a_stopped_search_resumes_without_training_finished_trials_again(tmp_pat
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
     first = search_module.run_search(settings, settings.search, model, tokenizer)
     root = tmp_path / "run" / "search"
-    (root / "trial_002" / search_module.TRIAL_FILE).unlink()  # as if killed while the third trial ran
+    third = root / "trial_l1-0.001_k2_lr0.01_ep1"
+    (third / search_module.TRIAL_FILE).unlink()  # as if killed while the third trial ran
     ran = []
     original, localize_once = pipeline.run_pipeline, search_module._localize_once
 
@@ -53,9 +55,14 @@ def test_a_stopped_search_resumes_without_training_finished_trials_again(tmp_pat
     monkeypatch.setattr(pipeline, "run_pipeline", counted)
     monkeypatch.setattr(search_module, "_localize_once", no_localization)
     resumed = search_module.run_search(settings, settings.search, model, tokenizer)
-    assert ran == [str(root / "trial_002")]
+    assert ran == [str(third)]
     assert [t["score"] for t in resumed["trials"]] == pytest.approx([t["score"] for t in first["trials"]], abs=1e-6)
     assert resumed["best"]["output_dir"] == first["best"]["output_dir"]
+    ran.clear()  # a grid grown by one learning rate: only its new points train, on the same localization
+    grown = SearchSpace(k=[1, 2], learning_rate=[1e-2, 5e-2, 1e-1])
+    widened = search_module.run_search(settings, grown, model, tokenizer)
+    assert ran == [str(root / "trial_l1-0.001_k1_lr0.1_ep1"), str(root / "trial_l1-0.001_k2_lr0.1_ep1")]
+    assert widened["trials"][:2] == resumed["trials"][:2] and len(widened["trials"]) == 6
     changed = tiny_settings(tmp_path, search=settings.search, seed=7)  # other settings: nothing is reused
     ran.clear()
     monkeypatch.setattr(search_module, "_localize_once", localize_once)

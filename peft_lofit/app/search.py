@@ -6,7 +6,8 @@ the validation split by the task's ``selection_metric`` (MC2 for TruthfulQA, exa
 a row of ``OUTPUT/search/trials.json`` (and ``trials.md``), written as it finishes. The budget is ``max_trials``:
 when the grid is larger, that many of its points are tried, drawn in a seeded random order (plain random search,
 no early stopping). The best trial wins, the first one on a tie; ``run_pipeline`` then trains its settings on the
-training split and evaluates on the test split. A stopped search resumes where it stopped (``fingerprint``).
+training split and evaluates on the test split. A stopped search resumes where it stopped (``fingerprint``), and one
+run again with more values reuses the trials it has (each trial's folder is named by its grid point).
 """
 
 from __future__ import annotations
@@ -63,6 +64,13 @@ class SearchSpace:
             random.Random(settings.seed).shuffle(points)
             points = points[: self.max_trials]
         return points
+
+
+def trial_folder_name(point: dict) -> str:
+    """A trial's folder, named by its grid point (``trial_l1-0.0005_k27_lr0.02_ep5``; ``k-run``: the run's own K or
+    fraction), so that a grid grown with new values keeps every finished trial where it was."""
+    k = "run" if point["k"] is None else point["k"]
+    return f"trial_l1-{point['l1']:g}_k{k}_lr{point['learning_rate']:g}_ep{point['epochs']:g}"
 
 
 def _trial_settings(settings, point: dict, heads_file: Path, output: Path):
@@ -153,8 +161,8 @@ def run_search(settings, space: SearchSpace, model, tokenizer) -> dict:
     rows = task.training_rows("train", data_dir=settings.data_dir, fold=settings.fold, limit=settings.train_limit)
     run = fingerprint(settings, task)
     trials, localize_seconds = [], {}
-    for index, point in enumerate(space.grid(settings)):
-        folder, heads = root / f"trial_{index:03d}", root / f"l1_{point['l1']:g}"
+    for point in space.grid(settings):
+        folder, heads = root / trial_folder_name(point), root / f"l1_{point['l1']:g}"
         done = read_json_if_complete(folder / TRIAL_FILE)
         if done and done["fingerprint"] == run and done["point"] == point:
             trials.append(done["trial"])
