@@ -257,8 +257,11 @@ class Headline:
     def tune_lofit(self, record: dict) -> dict:
         """LoFiT's grid points that ``record`` lacks, added to the trials it has; the best of them all wins (the
         earlier one on a tie)."""
-        done, missing = record.get("trials", []), self.untried("lofit", record.get("trials", []))
-        trials = [*done, *(self.lofit_trials(missing) if missing else [])]
+        done = record.get("trials", [])
+        missing = self.untried("lofit", done)
+        tried = {(trial["k"], trial["learning_rate"]) for trial in done}
+        new = self.lofit_trials(missing) if missing else []  # a missing rate's K that ``done`` has is not added twice
+        trials = [*done, *(trial for trial in new if (trial["k"], trial["learning_rate"]) not in tried)]
         best = max(trials, key=lambda trial: trial["score"])
         return {
             **self.record(trials, best),
