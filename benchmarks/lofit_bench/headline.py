@@ -107,6 +107,11 @@ def update_json(path: Path, empty, change: Callable):
     return value
 
 
+def grid_points(trials: list[dict]) -> set[tuple]:
+    """The (K, learning rate) of each trial; K None for the methods without one."""
+    return {(trial.get("k"), trial["learning_rate"]) for trial in trials}
+
+
 def adapter_file_bytes(folder: Path) -> int:
     return (Path(folder) / "adapter_model.safetensors").stat().st_size
 
@@ -227,8 +232,7 @@ class Headline:
 
     def untried(self, name: str, trials: list[dict]) -> list[float]:
         """The learning rates of ``name``'s grid with a point ``trials`` lacks (for LoFiT: with one of its K)."""
-        tried = {(trial.get("k"), trial["learning_rate"]) for trial in trials}
-        ks = self.lofit_ks() if name == "lofit" else [None]
+        tried, ks = grid_points(trials), self.lofit_ks() if name == "lofit" else [None]
         return [rate for rate in SPACES[name].learning_rates if any((k, rate) not in tried for k in ks)]
 
     def save_tuning(self, key: str, record: dict) -> None:
@@ -259,9 +263,8 @@ class Headline:
         earlier one on a tie)."""
         done = record.get("trials", [])
         missing = self.untried("lofit", done)
-        tried = {(trial["k"], trial["learning_rate"]) for trial in done}
         new = self.lofit_trials(missing) if missing else []  # a missing rate's K that ``done`` has is not added twice
-        trials = [*done, *(trial for trial in new if (trial["k"], trial["learning_rate"]) not in tried)]
+        trials = [*done, *(trial for trial in new if not grid_points([trial]) & grid_points(done))]
         best = max(trials, key=lambda trial: trial["score"])
         return {
             **self.record(trials, best),

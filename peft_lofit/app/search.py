@@ -67,7 +67,7 @@ class SearchSpace:
 
 
 def trial_folder_name(point: dict) -> str:
-    """A trial's folder, named by its grid point (``trial_l1-0.0005_k27_lr0.02_ep5``; ``k-run``: the run's own K or
+    """A trial's folder, named by its grid point (``trial_l1-0.0005_k27_lr0.02_ep5``; ``krun``: the run's own K or
     fraction), so that a grid grown with new values keeps every finished trial where it was."""
     k = "run" if point["k"] is None else point["k"]
     return f"trial_l1-{point['l1']:g}_k{k}_lr{point['learning_rate']:g}_ep{point['epochs']:g}"
