@@ -201,6 +201,33 @@ def test_a_grown_grid_tries_only_its_new_points(finished, tmp_path, monkeypatch)
         )
 
 
+def test_a_grown_grid_that_keeps_its_winner_updates_the_rows_grid_without_training_them_again(
+    finished, tmp_path, monkeypatch
+):
+    _, _, spaces = finished
+    before = rows_and_tuning(finished[0])[0]
+    grown = Space((*spaces["lora_r8"].learning_rates, 5e-2))
+    args, output = resumed_copy(finished, tmp_path)
+    trained = []
+    baseline_run = headline.Headline.baseline_run
+
+    def losing_new_trial(self, *call):
+        trained.append(call)
+        return {**baseline_run(self, *call), "score": -1.0}  # the new point cannot win
+
+    monkeypatch.setattr(headline, "SPACES", {**spaces, "lora_r8": grown})
+    monkeypatch.setattr(headline.Headline, "baseline_run", losing_new_trial)
+    cli.main(["headline", *args, "--methods", "lora_r8"])
+    assert trained == [("lora_r8", 5e-2, 42, "val")]  # no test row is trained again
+    rows = json.loads((output / "headline.json").read_text())
+    assert [row for row in rows if row["method"] != "lora_r8"] == [row for row in before if row["method"] != "lora_r8"]
+    refreshed = [row for row in rows if row["method"] == "lora_r8"]
+    assert [row["seed"] for row in refreshed] == [row["seed"] for row in before if row["method"] == "lora_r8"]
+    for row in refreshed:
+        assert row["settings"]["grid"] == sorted(grown.learning_rates)
+        assert row["settings"]["tuned_on"].endswith(f"{len(grown.learning_rates)} trials")
+
+
 def test_a_row_whose_settings_lost_the_tuning_is_trained_again(finished, tmp_path, monkeypatch):
     """Only the rows of the method whose winner changed are trained again, with the new winner's settings."""
     before = rows_and_tuning(finished[0])[0]

@@ -165,7 +165,10 @@ class Headline:
         done = next((row for row in rows if (row["task"], row["fold"], row["method"], row["seed"]) == key), None)
         if done:
             self.check_same_run(f"{self.rows_file}'s row {key}", done["settings"]["run"])
-            if method == "base" or self.tuned_settings(method) == self.tuned_settings(method, done["settings"]):
+            if method == "base":
+                return
+            if self.tuned_settings(method) == self.tuned_settings(method, done["settings"]):
+                self.refresh_tuning_summary(done, self.tuning_summary(self.tuned(method)))
                 return
             print(f"{key} was trained with other settings than tuning now picks: training it again", flush=True)
             update_json(self.rows_file, [], lambda rows: [row for row in rows if row != done])
@@ -185,16 +188,26 @@ class Headline:
         chosen = self.tuned(name)["best"] if settings is None else settings
         return {key: chosen[key] for key in ("learning_rate", "epochs", "k", "l1") if key in chosen}
 
+    @staticmethod
+    def tuning_summary(record: dict) -> dict:
+        """What a row says of its tuning: the learning rates tried (``grid``) and on what (``tuned_on``)."""
+        return {
+            "grid": sorted({trial["learning_rate"] for trial in record["trials"]}),
+            "tuned_on": f"{record['split']} {record['metric']}, {len(record['trials'])} trials",
+        }
+
+    def refresh_tuning_summary(self, done: dict, summary: dict) -> None:
+        """Rewrites ``done``'s tuning summary in place after its grid grew without changing the winner."""
+        if all(done["settings"].get(key) == value for key, value in summary.items()):
+            return
+        refreshed = {**done, "settings": {**done["settings"], **summary}}
+        update_json(self.rows_file, [], lambda rows: [refreshed if row == done else row for row in rows])
+
     def test_row(self, name: str, seed: int) -> dict:
         record = self.tuned(name)
         best = record["best"]
         settings = self.tuned_settings(name)
-        settings.update(
-            grid=sorted({trial["learning_rate"] for trial in record["trials"]}),  # the learning rates tuning tried
-            batch_size=RUN.train.batch_size,
-            train_rows=len(self.train_rows),
-            tuned_on=f"{record['split']} {record['metric']}, {len(record['trials'])} trials",
-        )
+        settings.update(self.tuning_summary(record), batch_size=RUN.train.batch_size, train_rows=len(self.train_rows))
         if METHODS[name].rank:
             settings["rank"] = METHODS[name].rank
         if seed == record["seed"] and Path(best["adapter"]).is_dir():  # the winning trial is this seed's training
