@@ -167,8 +167,9 @@ class Headline:
             self.check_same_run(f"{self.rows_file}'s row {key}", done["settings"]["run"])
             if method == "base":
                 return
-            if self.tuned_settings(method) == self.tuned_settings(method, done["settings"]):
-                self.refresh_tuning_summary(done, self.tuning_summary(self.tuned(method)))
+            record = self.tuned(method)
+            if self.tuned_settings(method, record["best"]) == self.tuned_settings(method, done["settings"]):
+                self.refresh_tuning_summary(done, self.tuning_summary(record))
                 return
             print(f"{key} was trained with other settings than tuning now picks: training it again", flush=True)
             update_json(self.rows_file, [], lambda rows: [row for row in rows if row != done])
@@ -277,7 +278,8 @@ class Headline:
         done = record.get("trials", [])
         missing = self.untried("lofit", done)
         new = self.lofit_trials(missing) if missing else []  # a missing rate's K that ``done`` has is not added twice
-        trials = [*done, *(trial for trial in new if not grid_points([trial]) & grid_points(done))]
+        tried = grid_points(done)
+        trials = [*done, *(trial for trial in new if not grid_points([trial]) & tried)]
         best = max(trials, key=lambda trial: trial["score"])
         return {
             **self.record(trials, best),
