@@ -132,6 +132,14 @@ def test_trainer_arguments_run_ddp_on_cpu_and_let_extra_override(monkeypatch):
     assert TrainSettings().trainer_arguments()["use_cpu"] is False
 
 
+@pytest.mark.parametrize("extra", [{}, {"gradient_checkpointing": True}], ids=["ours", "extra"])
+def test_checkpointing_reaches_trl_under_its_current_name_without_a_deprecation_warning(extra, recwarn):
+    config = SFTConfig(**TrainSettings(gradient_checkpointing=not extra, extra=extra).trainer_arguments())
+    assert config.gradient_checkpointing is True  # ours, or the old name passed through ``extra``, takes effect
+    if not extra:
+        assert not [w for w in recwarn if "gradient_checkpointing" in str(w.message)]
+
+
 def test_bad_settings():
     with pytest.raises(ValueError, match="learning_rate must be a positive number"):
         TrainSettings(learning_rate=0)

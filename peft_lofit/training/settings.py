@@ -7,12 +7,20 @@ examples and the benchmark read them from here (``field(metadata={"help": ...})`
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Optional
 
 import torch
+from transformers import TrainingArguments
 
 from ..distributed import has_accelerator
+
+# transformers 5.24 renamed TrainingArguments.gradient_checkpointing to activation_checkpointing and warns on the old
+# name; setup.cfg admits releases from before the rename.
+CHECKPOINTING_NAMES = ("activation_checkpointing", "gradient_checkpointing")
+CHECKPOINTING_ARGUMENT = next(
+    name for name in CHECKPOINTING_NAMES if name in {argument.name for argument in fields(TrainingArguments)}
+)
 
 
 @dataclass
@@ -87,8 +95,9 @@ class TrainSettings:
             save_strategy="epoch" if self.save_checkpoints else "no",
             report_to="none",
             max_length=self.max_length,
-            gradient_checkpointing=self.gradient_checkpointing,
         )
+        if not self.extra.keys() & set(CHECKPOINTING_NAMES):  # either name in ``extra`` wins over ours
+            arguments[CHECKPOINTING_ARGUMENT] = self.gradient_checkpointing
         arguments.update(self.extra)
         # Without use_cpu Trainer does not set up DDP on a machine with no accelerator: under torchrun every process
         # would train alone on all the data.
