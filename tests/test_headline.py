@@ -317,8 +317,54 @@ def test_a_learning_rate_at_the_edge_of_its_grid_is_marked_and_explained():
 
 def test_tasks_without_folds_get_their_own_table():
     rows = [synthetic_row("mquake", None, "base", None, 0.1, 0), synthetic_row("mquake", None, "lofit", 42, 0.4)]
-    table = report(rows)
-    assert table.startswith("**mquake** (test split") and "| accuracy |" in table and "| 0.400 ± 0.000 |" in table
+    table = report(rows).split("\n\n**mquake**")[1]
+    assert table.startswith(" (test split") and "| accuracy |" in table and "| 0.400 ± 0.000 |" in table
+
+
+def target_verdicts(rows):
+    lines = report(rows).split("\n\n")[1].splitlines()[2:]  # the targets table, under its title and header
+    return {line.split(":")[0][2:]: line.split(" | ")[1:] for line in lines}
+
+
+def test_the_targets_compare_lofit_with_lora_r8_from_the_same_means():
+    mquake = [synthetic_row("mquake", None, "lofit", seed, 0.54, 3456) for seed in (42, 43, 44)]
+    mquake += [
+        synthetic_row("mquake", None, "lora_r8", seed, score, 460800) for seed, score in zip(SEEDS, (0.54, 0.56))
+    ]
+    clutrr = [
+        synthetic_row("clutrr", None, method, seed, 0.5, trained)
+        for seed in (42, 43, 44)
+        for method, trained in (("lofit", 3456), ("lora_r8", 460800))
+    ]
+    verdicts = target_verdicts(mquake + clutrr)
+    # MQuAKE: LoRA r8 0.550 ± 0.010 over its 2 seeds, LoFiT 0.010 below it with 133x fewer numbers: met, 2 seeds so far
+    assert verdicts["mquake"] == ["0.540 ± 0.000", "0.550 ± 0.010", "-0.010", "133x", "3 / 2", "yes (2 of 3 seeds) |"]
+    assert verdicts["clutrr"][2:] == ["+0.000", "133x", "3 / 3", "yes |"]
+    assert verdicts["truthfulqa, mean of folds 0 and 1"][-1] == "not run |"
+    behind = [*clutrr[:5], synthetic_row("clutrr", None, "lora_r8", 44, 0.56, 460800)]  # 0.520 ± 0.028, 0.020 ahead
+    assert target_verdicts(behind)["clutrr"][2:] == ["-0.020", "133x", "3 / 3", "no |"]
+    too_big = [
+        synthetic_row("clutrr", None, "lofit", 42, 0.9, 46080),
+        synthetic_row("clutrr", None, "lora_r8", 42, 0.5, 460800),
+    ]
+    assert target_verdicts(too_big)["clutrr"][3:] == ["10x", "1 / 1", "no (1 of 3 seeds) |"]  # 10x fewer, not 20x
+
+
+def test_the_truthfulqa_target_needs_lofit_at_or_above_lora_r8_on_the_mean_of_folds():
+    rows = [synthetic_row("truthfulqa", fold, "lofit", 42, 0.6, 1728) for fold in (0, 1)]
+    rows += [
+        synthetic_row("truthfulqa", 0, "lora_r8", 42, 0.58, 460800),
+        synthetic_row("truthfulqa", 1, "lora_r8", 42, 0.62, 460800),
+    ]
+    assert "| truthfulqa, mean of folds 0 and 1: LoFiT mc2 ≥ LoRA r8's, with 100x fewer numbers |" in report(rows)
+    assert target_verdicts(rows)["truthfulqa, mean of folds 0 and 1"][-1] == "yes (1 of 3 seeds) |"
+    rows[-1]["metrics"]["mc2"] = 0.63  # LoRA r8's mean of folds 0.605 > 0.600
+    assert target_verdicts(rows)["truthfulqa, mean of folds 0 and 1"][2:] == [
+        "-0.005",
+        "267x",
+        "1 / 1",
+        "no (1 of 3 seeds) |",
+    ]
 
 
 def test_the_report_is_built_from_the_rows_and_put_in_the_readmes(finished, tmp_path):
