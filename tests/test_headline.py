@@ -201,6 +201,39 @@ def test_a_grown_grid_tries_only_its_new_points(finished, tmp_path, monkeypatch)
         )
 
 
+def test_a_slid_grid_keeps_the_dropped_points_trials_but_picks_its_winner_on_the_grid(finished, tmp_path, monkeypatch):
+    """A grid that drops its smallest rate and adds a larger one: the dropped trial stays in the record, but even
+    with the best score it cannot win, and the rows and their tuning summary follow the winner on the grid."""
+    _, _, spaces = finished
+    slid = {**spaces, "lofit": Space((5e-2, 1e-1), (0.25,)), "lora_r8": Space((1e-2, 5e-2))}
+    dropped = {"lofit": 1e-2, "lora_r8": 1e-3}
+
+    def dropped_point_won(tuning):
+        for method, rate in dropped.items():
+            record = tuning[f"truthfulqa/fold0/{method}"]
+            trial = next(trial for trial in record["trials"] if trial["learning_rate"] == rate)
+            trial["score"] = 2.0
+            record["best"] = trial
+
+    args, output = resumed_copy(finished, tmp_path, dropped_point_won)
+    monkeypatch.setattr(headline, "SPACES", slid)
+    cli.main(["headline", *args, "--methods", "lofit", "lora_r8"])
+    rows, tuning = rows_and_tuning(output.parent)
+    for method, rate in dropped.items():
+        record = tuning[f"truthfulqa/fold0/{method}"]
+        on_grid = [trial for trial in record["trials"] if trial["learning_rate"] in slid[method].learning_rates]
+        assert sorted(trial["learning_rate"] for trial in record["trials"]) == sorted(
+            [rate, *slid[method].learning_rates]
+        )
+        assert record["best"] == max(on_grid, key=lambda trial: trial["score"])
+        method_rows = [row for row in rows if row["method"] == method]
+        assert sorted(row["seed"] for row in method_rows) == list(SEEDS)
+        for row in method_rows:
+            assert row["settings"]["learning_rate"] == record["best"]["learning_rate"]
+            assert row["settings"]["grid"] == list(slid[method].learning_rates)
+            assert row["settings"]["tuned_on"].endswith(" 2 trials")
+
+
 def test_a_grown_grid_that_keeps_its_winner_updates_the_rows_grid_without_training_them_again(
     finished, tmp_path, monkeypatch
 ):

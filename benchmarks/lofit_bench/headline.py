@@ -15,7 +15,8 @@ For one task (and TruthfulQA fold):
 Each (task, fold, method, seed) is one row of ``headline.json``, written as it finishes (under a lock, so runs of
 other tasks can share the file). A stopped run resumes: rows already there are skipped and finished trials reused,
 but only those of a run with the same settings (``run_settings``); others are refused, not mixed in. When a grid of
-``SPACES`` grows, only its new points are tried, and a row whose settings are no longer the winner's is trained again.
+``SPACES`` grows, only its new points are tried; when it drops a point, that point's trials stay in the record but can
+no longer win. A row whose settings are no longer the winner's is trained again.
 ``headline_report.py`` builds the tables and the plot from the file alone.
 """
 
@@ -76,8 +77,10 @@ class Space:
 # their updates are smaller. LoFiT: the paper's step-2 rate, twice and four times it, on 10% and 20% of the heads.
 # The grids were 4 points until the winners of TruthfulQA (both folds) and MQuAKE sat at their largest learning
 # rate; each grew by two points upwards (LoFiT: one rate for both K), still the same budget for every method.
+# LoFiT's winners then sat at 4e-2, its largest rate, on TruthfulQA fold 0 and CLUTRR, and 1e-2 won nowhere: its
+# grid slid one rate up, keeping 6 trials.
 SPACES = {
-    "lofit": Space((1e-2, 2e-2, 4e-2), k_fractions=(0.1, 0.2)),
+    "lofit": Space((2e-2, 4e-2, 8e-2), k_fractions=(0.1, 0.2)),
     "lora_r8": Space((5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)),
     "lora_r1": Space((1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2)),
     "ia3": Space((3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)),
@@ -107,9 +110,18 @@ def update_json(path: Path, empty, change: Callable):
     return value
 
 
+def grid_point(trial: dict) -> tuple:
+    """The (K, learning rate) of a trial; K None for the methods without one."""
+    return trial.get("k"), trial["learning_rate"]
+
+
 def grid_points(trials: list[dict]) -> set[tuple]:
-    """The (K, learning rate) of each trial; K None for the methods without one."""
-    return {(trial.get("k"), trial["learning_rate"]) for trial in trials}
+    return {grid_point(trial) for trial in trials}
+
+
+def best_trial(trials: list[dict]) -> dict:
+    """The trial with the highest score; the earlier one on a tie."""
+    return max(trials, key=lambda trial: trial["score"])
 
 
 def adapter_file_bytes(folder: Path) -> int:
@@ -169,7 +181,7 @@ class Headline:
                 return
             record = self.tuned(method)
             if self.tuned_settings(method, record["best"]) == self.tuned_settings(method, done["settings"]):
-                self.refresh_tuning_summary(done, self.tuning_summary(record))
+                self.refresh_tuning_summary(done, self.tuning_summary(method, record))
                 return
             print(f"{key} was trained with other settings than tuning now picks: training it again", flush=True)
             update_json(self.rows_file, [], lambda rows: [row for row in rows if row != done])
@@ -189,12 +201,13 @@ class Headline:
         chosen = self.tuned(name)["best"] if settings is None else settings
         return {key: chosen[key] for key in ("learning_rate", "epochs", "k", "l1") if key in chosen}
 
-    @staticmethod
-    def tuning_summary(record: dict) -> dict:
-        """What a row says of its tuning: the learning rates tried (``grid``) and on what (``tuned_on``)."""
+    def tuning_summary(self, name: str, record: dict) -> dict:
+        """What a row says of its tuning: the learning rates of the trials that could win (``grid``) and on what
+        (``tuned_on``)."""
+        trials = self.on_grid(name, record["trials"])
         return {
-            "grid": sorted({trial["learning_rate"] for trial in record["trials"]}),
-            "tuned_on": f"{record['split']} {record['metric']}, {len(record['trials'])} trials",
+            "grid": sorted({trial["learning_rate"] for trial in trials}),
+            "tuned_on": f"{record['split']} {record['metric']}, {len(trials)} trials",
         }
 
     def refresh_tuning_summary(self, done: dict, summary: dict) -> None:
@@ -208,7 +221,9 @@ class Headline:
         record = self.tuned(name)
         best = record["best"]
         settings = self.tuned_settings(name)
-        settings.update(self.tuning_summary(record), batch_size=RUN.train.batch_size, train_rows=len(self.train_rows))
+        settings.update(
+            self.tuning_summary(name, record), batch_size=RUN.train.batch_size, train_rows=len(self.train_rows)
+        )
         if METHODS[name].rank:
             settings["rank"] = METHODS[name].rank
         if seed == record["seed"] and Path(best["adapter"]).is_dir():  # the winning trial is this seed's training
@@ -230,10 +245,9 @@ class Headline:
         record = read_json(self.tuning_file, {}).get(key, {})
         if record:
             self.check_same_run(f"{self.tuning_file}'s {key}", record["run"])
-        if not record.get("best") or self.untried(name, record["trials"]):
-            record = (
-                self.tune_lofit(record) if name == "lofit" else self.tune_baseline(name, key, record.get("trials", []))
-            )
+        trials = record.get("trials", [])
+        if self.untried(name, trials) or self.loses_on_grid(name, record):
+            record = self.tune_lofit(record) if name == "lofit" else self.tune_baseline(name, key, trials)
             self.save_tuning(key, record)
         return record
 
@@ -244,10 +258,26 @@ class Headline:
             raise ValueError(f"the K fractions {fractions} give only K = {ks} on a model with {total} heads.")
         return ks
 
+    def grid(self, name: str) -> set[tuple]:
+        """The (K, learning rate) points of ``name``'s grid; K None for the methods without one."""
+        ks = self.lofit_ks() if name == "lofit" else [None]
+        return {(k, rate) for k in ks for rate in SPACES[name].learning_rates}
+
+    def on_grid(self, name: str, trials: list[dict]) -> list[dict]:
+        """The trials on ``name``'s grid now: the ones that can win (a point the grid dropped keeps its trials)."""
+        grid = self.grid(name)
+        return [trial for trial in trials if grid_point(trial) in grid]
+
+    def loses_on_grid(self, name: str, record: dict) -> bool:
+        """Whether ``record`` has no winner, or one that is not the best of its trials on the grid (the grid dropped
+        it, or a record written before the grid changed)."""
+        best = record.get("best")
+        return not best or grid_point(best) != grid_point(best_trial(self.on_grid(name, record["trials"])))
+
     def untried(self, name: str, trials: list[dict]) -> list[float]:
         """The learning rates of ``name``'s grid with a point ``trials`` lacks (for LoFiT: with one of its K)."""
-        tried, ks = grid_points(trials), self.lofit_ks() if name == "lofit" else [None]
-        return [rate for rate in SPACES[name].learning_rates if any((k, rate) not in tried for k in ks)]
+        missing_rates = {rate for _, rate in self.grid(name) - grid_points(trials)}
+        return [rate for rate in SPACES[name].learning_rates if rate in missing_rates]
 
     def save_tuning(self, key: str, record: dict) -> None:
         update_json(self.tuning_file, {}, lambda tuning: {**tuning, key: record})
@@ -270,22 +300,22 @@ class Headline:
             run = self.baseline_run(name, learning_rate, TUNING_SEED, "val")
             trials.append({"learning_rate": learning_rate, "epochs": self.args.epochs, **run})
             self.save_tuning(key, self.record(trials, best=None))  # each trial as it finishes
-        return self.record(trials, best=max(trials, key=lambda trial: trial["score"]))
+        return self.record(trials, best=best_trial(self.on_grid(name, trials)))
 
     def tune_lofit(self, record: dict) -> dict:
-        """LoFiT's grid points that ``record`` lacks, added to the trials it has; the best of them all wins (the
-        earlier one on a tie)."""
+        """LoFiT's grid points that ``record`` lacks, added to the trials it has; the best of those on the grid
+        wins."""
         done = record.get("trials", [])
         missing = self.untried("lofit", done)
         new = self.lofit_trials(missing) if missing else []  # a missing rate's K that ``done`` has is not added twice
         tried = grid_points(done)
-        trials = [*done, *(trial for trial in new if not grid_points([trial]) & tried)]
-        best = max(trials, key=lambda trial: trial["score"])
+        trials = [*done, *(trial for trial in new if grid_point(trial) not in tried)]
+        best = best_trial(self.on_grid("lofit", trials))
         return {
             **self.record(trials, best),
             # the ranking the winner trained on, as its trial saved it
             "head_selection": str(Path(best["adapter"]).parent / "head_selection.json"),
-            "strategy": f"full grid of {len(trials)} trials",
+            "strategy": f"full grid of {len(self.on_grid('lofit', trials))} trials",
         }
 
     def lofit_trials(self, learning_rates: list[float]) -> list[dict]:
