@@ -294,9 +294,7 @@ class Headline:
 
     def tune_baseline(self, name: str, key: str, done: list[dict]) -> dict:
         trials = list(done)  # finished trials of this run (same settings and seed, checked by ``tuned``)
-        for learning_rate in SPACES[name].learning_rates:
-            if any(trial["learning_rate"] == learning_rate for trial in trials):
-                continue
+        for learning_rate in self.untried(name, done):
             run = self.baseline_run(name, learning_rate, TUNING_SEED, "val")
             trials.append({"learning_rate": learning_rate, "epochs": self.args.epochs, **run})
             self.save_tuning(key, self.record(trials, best=None))  # each trial as it finishes
