@@ -31,6 +31,7 @@ def finished(tmp_path_factory):
     }
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(headline, "SPACES", spaces)
+        patch.setenv("PEFT_LOFIT_METRICS_CACHE", str(folder / "metrics_cache"))  # empty: no other test's entries
         args = [*small_run(tiny_model_folder(folder / "tiny")), "--localize-epochs", "1"]
         args += ["--seeds", *map(str, SEEDS), "--output", str(folder / "results"), "--work-dir", str(folder / "work")]
         cli.main(["headline", *args])
@@ -106,6 +107,15 @@ def test_lofit_seeds_localize_again_and_the_first_reuses_the_search(finished):
     second = json.loads((work / f"lofit_seed{SEEDS[1]}" / "metrics.json").read_text())
     assert second["settings"]["seed"] == SEEDS[1] and second["settings"]["heads"] == "learned"
     assert second["settings"]["localize"]["l1_lambda"] == best["l1"] and "localize_s" in second["timings_s"]
+
+
+def test_lofit_seed_rows_reuse_the_base_rows_evaluation(finished):
+    """The base row goes through ``lofit run``'s metrics cache, so a LoFiT seed row does not score the base again."""
+    folder, _, _ = finished
+    rows, _ = rows_and_tuning(folder)
+    base = next(row for row in rows if row["method"] == "base")
+    second = json.loads((folder / "work" / "truthfulqa_fold0" / f"lofit_seed{SEEDS[1]}" / "metrics.json").read_text())
+    assert second["base_metrics_from_cache"] and second["base"] == base["metrics"]
 
 
 def test_a_finished_run_is_not_trained_again(finished, monkeypatch):

@@ -33,7 +33,7 @@ from typing import Callable, Optional
 from peft import PeftModel
 
 from peft_lofit.app.default_model import DEFAULT_MODEL, load_model_and_tokenizer
-from peft_lofit.app.pipeline import heads_per_layer, run_pipeline, with_best_trial
+from peft_lofit.app.pipeline import evaluate_base, heads_per_layer, run_pipeline, with_best_trial
 from peft_lofit.app.search import SearchSpace, run_search
 from peft_lofit.app.settings import PipelineSettings
 from peft_lofit.app.tasks import get_task
@@ -191,9 +191,10 @@ class Headline:
         update_json(self.rows_file, [], lambda rows: [*rows, {name: row[name] for name in ROW_FIELDS}])
 
     def base_row(self) -> dict:
-        metrics = self.task.evaluate(
-            self.model, self.tokenizer, batch_size=RUN.eval_batch_size, **self.evaluation("test")
-        )
+        """The base model on test, through ``lofit run``'s metrics cache: LoFiT's seed rows then reuse it."""
+        settings = self.lofit_settings(TUNING_SEED)
+        settings.eval_split = "test"
+        metrics, _ = evaluate_base(settings, self.task, self.model, self.tokenizer, self.evaluation("test"))
         return {"metrics": metrics, "trained_numbers": 0, "adapter_bytes": 0, "train_seconds": 0.0, "settings": {}}
 
     def tuned_settings(self, name: str, settings: Optional[dict] = None) -> dict:
