@@ -148,12 +148,11 @@ class Headline:
             "localize_epochs": args.localize_epochs,
         }
         self.model, self.tokenizer = load_model_and_tokenizer(args.model)
-        self.train_rows = self.task.training_rows(
-            "train", data_dir=args.data_dir, fold=self.data_fold, limit=args.train_limit
-        )
+        self.train_rows = self.lofit_settings(TUNING_SEED).train_rows()  # every method trains on LoFiT's rows
 
     def evaluation(self, split: str) -> dict:
-        return dict(split=split, data_dir=self.args.data_dir, fold=self.data_fold, limit=self.args.eval_limit)
+        """What every method is scored on: LoFiT's evaluation inputs, so all rows (and the metrics cache) agree."""
+        return self.lofit_settings(TUNING_SEED).evaluation(split)
 
     def run(self) -> list[dict]:
         """Base model, then each method's tuning and first seed, then the other seeds (comparable rows come first)."""
@@ -194,7 +193,7 @@ class Headline:
         """The base model on test, through ``lofit run``'s metrics cache: LoFiT's seed rows then reuse it."""
         settings = self.lofit_settings(TUNING_SEED)
         settings.eval_split = "test"
-        metrics, _ = evaluate_base(settings, self.task, self.model, self.tokenizer, self.evaluation("test"))
+        metrics, _ = evaluate_base(settings, self.task, self.model, self.tokenizer)
         return {"metrics": metrics, "trained_numbers": 0, "adapter_bytes": 0, "train_seconds": 0.0, "settings": {}}
 
     def tuned_settings(self, name: str, settings: Optional[dict] = None) -> dict:

@@ -139,14 +139,6 @@ def command_run(args) -> None:
     say(f"Adapter, heads and metrics written to {settings.output_dir}/")
 
 
-def _training_rows(settings) -> list[dict]:
-    from .tasks import get_task
-
-    return get_task(settings.task).training_rows(
-        "train", data_dir=settings.data_dir, fold=settings.fold, limit=settings.train_limit
-    )
-
-
 def command_localize(args) -> None:
     from ..training.localize import localize
     from .default_model import load_model_and_tokenizer
@@ -155,7 +147,7 @@ def command_localize(args) -> None:
     output = Path(args.output)
     settings = settings_from(args, output.parent)
     task = get_task(settings.task)
-    rows = _training_rows(settings)
+    rows = settings.train_rows()
     model, tokenizer = load_model_and_tokenizer(settings.model)
     settings.localize.output_dir = str(output.parent / "checkpoints" / "localize")
     selection = localize(
@@ -180,7 +172,7 @@ def command_train(args) -> None:
     if settings.heads == "learned":
         raise ValueError("lofit train needs --heads FILE.json (written by `lofit localize`) or --heads random.")
     task = get_task(settings.task)
-    rows = _training_rows(settings)
+    rows = settings.train_rows()
     model, tokenizer = load_model_and_tokenizer(settings.model)
     settings.train.output_dir = str(Path(settings.output_dir) / "checkpoints")
     heads, _ = select_heads(settings, model, tokenizer, rows, Path(settings.output_dir), {})

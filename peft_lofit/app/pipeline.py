@@ -84,8 +84,10 @@ def with_best_trial(settings: PipelineSettings, search: dict) -> PipelineSetting
     return settings
 
 
-def evaluate_base(settings: PipelineSettings, task, model, tokenizer, evaluation: dict) -> tuple[dict, bool]:
-    """The base model's metrics and whether they came from the on-disk cache (``metrics_cache``)."""
+def evaluate_base(settings: PipelineSettings, task, model, tokenizer) -> tuple[dict, bool]:
+    """The base model's metrics on ``settings.evaluation()`` and whether they came from the on-disk cache
+    (``metrics_cache``)."""
+    evaluation = settings.evaluation()
 
     def evaluate() -> dict:
         return task.evaluate(model, tokenizer, batch_size=settings.eval_batch_size, desc="base model", **evaluation)
@@ -114,7 +116,7 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
     output = Path(settings.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     task = get_task(settings.task)
-    rows = task.training_rows("train", data_dir=settings.data_dir, fold=settings.fold, limit=settings.train_limit)
+    rows = settings.train_rows()
     task.training_rows(settings.eval_split, data_dir=settings.data_dir, fold=settings.fold, limit=1)  # readable?
     timings: dict[str, float] = {}
     settings, model, tokenizer, searches = _searched(settings, model, tokenizer, timings)
@@ -123,11 +125,9 @@ def run_pipeline(settings: PipelineSettings, model=None, tokenizer=None) -> dict
         step.seed = settings.seed
     heads, _ = select_heads(settings, model, tokenizer, rows, output, timings)
 
-    evaluation = dict(
-        split=settings.eval_split, data_dir=settings.data_dir, fold=settings.fold, limit=settings.eval_limit
-    )
+    evaluation = settings.evaluation()
     with timed(timings, "eval_base_s"):
-        base_metrics, base_reused = evaluate_base(settings, task, model, tokenizer, evaluation)
+        base_metrics, base_reused = evaluate_base(settings, task, model, tokenizer)
 
     config = LoFiTConfig(heads=heads, use_offset=True, use_scaling=settings.train_both_vectors, init_weights=True)
     with timed(timings, "train_s"):

@@ -158,7 +158,7 @@ def run_search(settings, space: SearchSpace, model, tokenizer) -> dict:
 
     task = get_task(settings.task)
     root = Path(settings.output_dir) / "search"
-    rows = task.training_rows("train", data_dir=settings.data_dir, fold=settings.fold, limit=settings.train_limit)
+    rows = settings.train_rows()
     run = fingerprint(settings, task)
     trials, localize_seconds = [], {}
     for point in space.grid(settings):

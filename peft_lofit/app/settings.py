@@ -89,6 +89,17 @@ class PipelineSettings:
                     f"--search chooses on the {SEARCH_SPLIT} split; evaluate on another one (--eval-split test)."
                 )
 
+    def train_rows(self) -> list[dict]:
+        """The rows this run trains on: the first ``train_limit`` rows of the train split of its data and fold."""
+        return get_task(self.task).training_rows(
+            "train", data_dir=self.data_dir, fold=self.fold, limit=self.train_limit
+        )
+
+    def evaluation(self, split: Optional[str] = None) -> dict:
+        """The keyword arguments of the task's ``evaluate`` (and of the base metrics' cache key): ``split`` (default
+        ``eval_split``), the data folder, the fold and ``eval_limit``."""
+        return dict(split=split or self.eval_split, data_dir=self.data_dir, fold=self.fold, limit=self.eval_limit)
+
     def make_quick(self) -> "PipelineSettings":
         """Turn this into a smoke run of a couple of minutes: few examples, one epoch per step."""
         self.train_limit = self.train_limit or 32
