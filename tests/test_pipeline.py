@@ -151,3 +151,12 @@ def test_run_pipeline_leaves_the_given_settings_alone(tmp_path):
     before = copy.deepcopy(settings)
     run_pipeline(settings, model=tiny_model("llama"), tokenizer=tiny_tokenizer())
     assert settings == before
+
+
+def test_settings_give_each_step_its_own_rows_and_limit():
+    """Training takes the first ``train_limit`` train rows of the fold; evaluation takes ``eval_limit`` examples of
+    ``eval_split`` (or the split asked for): the two limits never mix."""
+    settings = PipelineSettings(task="truthfulqa", fold=1, train_limit=5, eval_limit=3, eval_split="val")
+    assert settings.train_rows() == get_task("truthfulqa").training_rows("train", fold=1, limit=5)
+    assert settings.evaluation() == {"split": "val", "data_dir": None, "fold": 1, "limit": 3}
+    assert settings.evaluation("test") == {"split": "test", "data_dir": None, "fold": 1, "limit": 3}
